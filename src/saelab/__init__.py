@@ -1,0 +1,3 @@
+"""saelab: sparse autoencoders for transformer language models."""
+
+__version__ = "0.1.0"

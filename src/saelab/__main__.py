@@ -1,0 +1,7 @@
+"""``python -m saelab`` is the ``saelab`` command."""
+
+import sys
+
+from saelab.cli import main
+
+sys.exit(main())

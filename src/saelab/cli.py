@@ -1,0 +1,170 @@
+"""The ``saelab`` command: parses flags, calls the library, prints results. No logic of its own.
+
+Errors from bad input arrive as :class:`~saelab.errors.SaelabError` and are printed as one line
+(``saelab: error: ...``) with exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from saelab import __version__
+from saelab.errors import SaelabError
+from saelab.saes.registry import ARCHITECTURES
+
+# CLI flag → (config key, type). One table drives the parser and the overrides.
+TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--model": ("model.name", str, "model: hub id, local dir, .gguf file or 'default'"),
+    "--hook": ("sae.hook", str, "hook point, e.g. blocks.6.hook_resid_post"),
+    "--arch": ("sae.architecture", str, "SAE architecture"),
+    "--expansion": ("sae.expansion", int, "d_sae = expansion * d_in"),
+    "--k": ("sae.k", int, "TopK: active features per token"),
+    "--l1": ("sae.l1_coefficient", float, "ReLU: L1 penalty coefficient"),
+    "--tokens": ("train.tokens", int, "training tokens"),
+    "--batch-size": ("train.batch_size", int, "activations per optimiser step"),
+    "--lr": ("train.lr", float, "Adam learning rate (default: per architecture and width)"),
+    "--dataset": ("data.dataset", str, "'default', a .txt/.jsonl/.parquet path or HF dataset"),
+    "--context": ("data.context", int, "tokens per sequence, BOS included"),
+    "--seed": ("seed", int, "seed for text order, shuffling and initialisation"),
+    "--device": ("model.device", str, "cpu or cuda"),
+    "--checkpoint-every": ("train.checkpoint_every_tokens", int, "checkpoint every N tokens"),
+}
+
+
+def _int(text: str) -> int:
+    """Integers, also written as 2e5 or 200_000."""
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        value = float(text)
+        if not value.is_integer():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        return int(value)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saelab", description="Train, evaluate and use sparse autoencoders on LMs."
+    )
+    parser.add_argument("--version", action="version", version=f"saelab {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train one or more SAEs on a model's activations")
+    train.add_argument("config", nargs="?", help="TOML run file ([model] [data] [train] [[sae]])")
+    for flag, (key, kind, help_text) in TRAIN_FLAGS.items():
+        extra = {"choices": sorted(ARCHITECTURES)} if flag == "--arch" else {}
+        if flag == "--device":
+            extra = {"choices": ["cpu", "cuda"]}
+        train.add_argument(
+            flag,
+            dest=key,
+            type=_int if kind is int else kind,
+            default=None,
+            help=help_text,
+            **extra,
+        )
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override any config field, e.g. --set train.lr_decay_frac=0.1",
+    )
+    train.add_argument("--out", default="runs/sae", help="run folder (default runs/sae)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    ev = sub.add_parser("eval", help="metrics of a saved SAE; writes metrics.json beside it")
+    ev.add_argument("sae_dir", help="folder with cfg.json and sae_weights.safetensors")
+    ev.add_argument("--model", help="model (default: the one the SAE was trained on)")
+    ev.add_argument("--dataset", help="evaluation text (default: the training text spec)")
+    ev.add_argument("--tokens", type=_int, default=8192, help="evaluation tokens (default 8192)")
+    ev.add_argument("--context", type=_int, help="tokens per sequence (default: training's)")
+    ev.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+    hooks = sub.add_parser("hooks", help="list a model's hook points with their widths")
+    hooks.add_argument("model", nargs="?", default="default", help="model (default: 'default')")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    overrides: dict[str, object] = {
+        key: getattr(args, key)
+        for key, _, _ in TRAIN_FLAGS.values()
+        if getattr(args, key, None) is not None
+    }
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SaelabError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from saelab.config import load_run_config
+    from saelab.training.run import train_run
+
+    cfg = load_run_config(args.config, _overrides(args))
+    results = train_run(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"trained {len(results)} SAE(s) into {args.out}")
+    for folder, result in results.items():
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if k != "tokens")
+        print(f"  {Path(args.out) / folder}: {summary}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from saelab.evaluation.evaluate import evaluate_sae_dir, format_metrics_table
+
+    metrics = evaluate_sae_dir(
+        args.sae_dir,
+        model_name=args.model,
+        dataset=args.dataset,
+        tokens=args.tokens,
+        context=args.context,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(format_metrics_table(metrics, title=f"metrics of {args.sae_dir}"))
+    print(f"written to {Path(args.sae_dir) / 'metrics.json'}")
+    return 0
+
+
+def _cmd_hooks(args: argparse.Namespace) -> int:
+    from saelab.models.hookpoints import hook_dim, list_hooks
+    from saelab.models.loading import load_model
+
+    model, _ = load_model(args.model)
+    for name in list_hooks(model):
+        print(f"{name}\t{hook_dim(model, name)}")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "hooks": _cmd_hooks}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("transformers", "httpx", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return COMMANDS[args.command](args)
+    except SaelabError as exc:
+        print(f"saelab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saelab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Running sums that turn into reconstruction and sparsity metrics (METHODS §2.3, §6.1, §6.3).
+
+Everything is a global sum over all tokens seen, in float64, turned into ratios at the end: FVU
+against the *dataset* mean, γ from global sums (not a mean of per-batch ratios), densities from
+firing counts. Used by the trainer (windowed) and by ``saelab eval`` (whole run); it lives
+beside the SAEs because both sit downstream of it.
+
+Definitions (t tokens, x input, x̂ reconstruction, μ dataset mean of x):
+
+* ``l0``  = E_t #{i : f_i > 0}
+* ``mse`` = E_t ‖x − x̂‖²  (summed over d_in)
+* ``fvu`` = Σ‖x − x̂‖² / Σ‖x − μ‖²,  with Σ‖x − μ‖² = Σ‖x‖² − n‖μ‖²
+* ``explained_variance`` = 1 − Σ_d Var_t(x − x̂)_d / Σ_d Var_t(x)_d  (residual centred too, so a
+  constant offset is not counted; ``1 − fvu`` counts it)
+* ``gamma`` = Σ‖x̂‖² / Σ x·x̂  (relative reconstruction bias; 1 is unbiased, < 1 shrinkage)
+* ``frac_dead``  = share of features that never fired on the evaluated tokens
+* ``frac_dense`` = share of features firing on more than 10 % of tokens
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+DENSE_THRESHOLD = 0.1
+"""Features firing on more than this fraction of tokens count as dense / high-frequency."""
+
+DENSITY_EPS = 1e-10
+"""Added before log10 so that dead features get a finite log density."""
+
+
+class ReconstructionStats:
+    """Global sums over every token passed to :meth:`update`."""
+
+    def __init__(self, d_in: int, d_sae: int) -> None:
+        self.d_in = d_in
+        self.d_sae = d_sae
+        self.reset()
+
+    def reset(self) -> None:
+        f64 = torch.float64
+        self.n_tokens = 0
+        self.sum_l0 = 0.0
+        self.sum_x_D = torch.zeros(self.d_in, dtype=f64)
+        self.sum_err_D = torch.zeros(self.d_in, dtype=f64)
+        self.sum_sq_x = 0.0
+        self.sum_sq_recon = 0.0
+        self.sum_sq_err = 0.0
+        self.sum_dot = 0.0
+        self.sum_cos = 0.0
+        self.sum_l2_ratio = 0.0
+        self.fired_F = torch.zeros(self.d_sae, dtype=torch.int64)
+
+    @torch.no_grad()
+    def update(
+        self,
+        x_BD: Float[Tensor, "B D"],
+        recon_BD: Float[Tensor, "B D"],
+        l0_B: Int[Tensor, " B"],
+        fired_F: Int[Tensor, " F"],
+    ) -> None:
+        x = x_BD.detach().to("cpu", torch.float64)
+        recon = recon_BD.detach().to("cpu", torch.float64)
+        err = x - recon
+        x_norm = x.norm(dim=-1)
+        recon_norm = recon.norm(dim=-1)
+        self.n_tokens += x.shape[0]
+        self.sum_l0 += float(l0_B.sum())
+        self.sum_x_D += x.sum(0)
+        self.sum_err_D += err.sum(0)
+        self.sum_sq_x += float(x_norm.pow(2).sum())
+        self.sum_sq_recon += float(recon_norm.pow(2).sum())
+        self.sum_sq_err += float(err.pow(2).sum())
+        self.sum_dot += float((x * recon).sum())
+        self.sum_cos += float(((x * recon).sum(-1) / (x_norm * recon_norm).clamp_min(1e-12)).sum())
+        self.sum_l2_ratio += float((recon_norm / x_norm.clamp_min(1e-12)).sum())
+        self.fired_F += fired_F.detach().to("cpu", torch.int64)
+
+    # ----- results ----------------------------------------------------------------------------
+
+    def _n(self) -> int:
+        return max(self.n_tokens, 1)
+
+    def total_variance(self) -> float:
+        """Σ_t ‖x_t − μ‖² with μ the mean of the tokens seen."""
+        n = self._n()
+        return self.sum_sq_x - float(self.sum_x_D.pow(2).sum()) / n
+
+    def feature_density(self) -> Float[Tensor, " F"]:
+        return self.fired_F.double() / self._n()
+
+    def log10_feature_density(self) -> Float[Tensor, " F"]:
+        return torch.log10(self.feature_density() + DENSITY_EPS)
+
+    def compute(self) -> dict[str, float]:
+        n = self._n()
+        total_var = self.total_variance()
+        residual_var = self.sum_sq_err - float(self.sum_err_D.pow(2).sum()) / n
+        density = self.feature_density()
+        nan = float("nan")
+        return {
+            "l0": self.sum_l0 / n,
+            "mse": self.sum_sq_err / n,
+            "fvu": self.sum_sq_err / total_var if total_var > 0 else nan,
+            "explained_variance": 1 - residual_var / total_var if total_var > 0 else nan,
+            "gamma": self.sum_sq_recon / self.sum_dot if self.sum_dot != 0 else nan,
+            "cos_sim": self.sum_cos / n,
+            "l2_ratio": self.sum_l2_ratio / n,
+            "frac_dead": float((self.fired_F == 0).double().mean()),
+            "frac_dense": float((density > DENSE_THRESHOLD).double().mean()),
+        }

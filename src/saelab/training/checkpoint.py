@@ -1,0 +1,104 @@
+"""Resumable checkpoints without pickles: nested state → one safetensors file plus one JSON file.
+
+Any nested structure of dicts, lists, numbers, strings and tensors (an optimiser ``state_dict``,
+the activation stream's buffer, RNG states) is split into its tensors, stored in safetensors under
+dotted keys, and a JSON skeleton whose leaves name those keys. Checkpoints live in
+``OUT/checkpoints/step_NNNNNNNN/``; ``OUT/checkpoints/latest.json`` names the newest complete one
+and is only rewritten after that folder is complete, so a crash mid-write leaves the previous
+checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saelab.atomic import write_json, write_safetensors
+from saelab.errors import SaelabError
+from saelab.saes.storage import read_weights
+
+_TENSOR = "__tensor__"
+_TUPLE = "__tuple__"
+
+
+def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split ``obj`` into (tensors by dotted key, JSON-able skeleton)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, key: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            tensors[key] = node.detach().cpu()
+            return {_TENSOR: key}
+        if isinstance(node, dict):
+            return {
+                "__dict__": [
+                    [walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")]
+                    for i, (k, v) in enumerate(node.items())
+                ]
+            }
+        if isinstance(node, (list, tuple)):
+            items = [walk(v, f"{key}.{i}") for i, v in enumerate(node)]
+            return {_TUPLE: items} if isinstance(node, tuple) else items
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        raise TypeError(f"cannot checkpoint a {type(node).__name__} at {key}")
+
+    return tensors, walk(obj, prefix or "s")
+
+
+def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
+    def build(node: Any) -> Any:
+        if isinstance(node, dict):
+            if _TENSOR in node:
+                return tensors[node[_TENSOR]]
+            if _TUPLE in node:
+                return tuple(build(v) for v in node[_TUPLE])
+            return {build(k): build(v) for k, v in node["__dict__"]}
+        if isinstance(node, list):
+            return [build(v) for v in node]
+        return node
+
+    return build(skeleton)
+
+
+def save_state(directory: Path, name: str, state: Any) -> None:
+    tensors, skeleton = flatten_state(state)
+    write_safetensors(directory / f"{name}.safetensors", tensors)
+    write_json(directory / f"{name}.json", skeleton)
+
+
+def load_state(directory: Path, name: str) -> Any:
+    json_path = directory / f"{name}.json"
+    if not json_path.is_file():
+        raise SaelabError(f"checkpoint {directory} lacks {name}.json; it is incomplete")
+    skeleton = json.loads(json_path.read_text())
+    return unflatten_state(read_weights(directory / f"{name}.safetensors"), skeleton)
+
+
+def write_checkpoint(out_dir: Path, step: int, states: dict[str, Any], keep: int = 2) -> Path:
+    """Write each named state into a new step folder, then point ``latest.json`` at it."""
+    root = out_dir / "checkpoints"
+    final = root / f"step_{step:08d}"
+    partial = root / f".step_{step:08d}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name, state in states.items():
+        save_state(partial, name, state)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    write_json(root / "latest.json", {"step": step, "path": final.name})
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = out_dir / "checkpoints" / "latest.json"
+    if not pointer.is_file():
+        return None
+    path = out_dir / "checkpoints" / json.loads(pointer.read_text())["path"]
+    return path if path.is_dir() else None

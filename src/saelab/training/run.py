@@ -1,0 +1,126 @@
+"""A training run from a :class:`~saelab.config.RunConfig`: model, text, stream, SAEs, trainer.
+
+This is the one place that wires the parts together for ``saelab train``; each part stays
+usable alone. The run folder gets ``config.toml`` (what the user asked for), ``resolved.json``
+(what it resolved to: widths, learning rates, activation scales), one folder per SAE, the JSONL
+log, TensorBoard events and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saelab import __version__
+from saelab.atomic import write_json, write_text
+from saelab.config import RunConfig, dump_run_config, load_run_config
+from saelab.data.activations import ActivationStream, special_token_ids
+from saelab.data.text import TokenBatches
+from saelab.errors import SaelabError
+from saelab.models.hookpoints import hook_dim
+from saelab.models.loading import load_model
+from saelab.saes.base import SparseAutoencoder
+from saelab.saes.registry import architecture_class
+from saelab.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILENAME = "config.toml"
+RESOLVED_FILENAME = "resolved.json"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_saes(cfg: RunConfig, d_in_by_hook: dict[str, int]) -> list[SparseAutoencoder]:
+    saes = []
+    for i, sae_cfg in enumerate(cfg.saes):
+        cls = architecture_class(sae_cfg.architecture)
+        sae = cls(sae_cfg, d_in_by_hook[sae_cfg.hook], seed=cfg.seed + i)
+        saes.append(sae.to(cfg.model.device))
+    return saes
+
+
+def train_run(
+    cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Train every SAE of ``cfg`` from one pass over the model; returns per-SAE results.
+
+    With ``resume``, the saved ``config.toml`` of ``out_dir`` is used and training continues
+    from its latest checkpoint.
+    """
+    out_dir = Path(out_dir)
+    if resume:
+        saved = out_dir / CONFIG_FILENAME
+        if not saved.is_file():
+            raise SaelabError(f"nothing to resume: {saved} does not exist")
+        cfg = load_run_config(saved)
+    elif (out_dir / CONFIG_FILENAME).exists() and any(out_dir.glob("*/cfg.json")):
+        raise SaelabError(
+            f"{out_dir} already holds a finished run; pass --resume to continue it or "
+            "choose another --out"
+        )
+    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SaelabError("--device cuda was asked for but no CUDA device is available")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(
+        cfg.model.name, device=cfg.model.device, dtype=_DTYPES[cfg.model.dtype]
+    )
+    d_in_by_hook = {hook: hook_dim(model, hook) for hook in cfg.hooks}
+    tokens = TokenBatches(
+        cfg.data.dataset,
+        tokenizer,
+        context=cfg.data.context,
+        batch_size=cfg.data.model_batch_size,
+        seed=cfg.seed,
+    )
+    stream = ActivationStream(
+        model,
+        tokens,
+        cfg.hooks,
+        batch_size=cfg.train.batch_size,
+        buffer_size=cfg.data.buffer_size,
+        skip_positions=cfg.data.skip_positions,
+        special_ids=special_token_ids(tokenizer),
+        norm_estimate_tokens=cfg.data.norm_estimate_tokens,
+        seed=cfg.seed,
+    )
+    saes = build_saes(cfg, d_in_by_hook)
+    metadata = {
+        "model_name": cfg.model.name,
+        "context_size": cfg.data.context,
+        "dataset_path": cfg.data.dataset,
+        "seqpos_slice": [cfg.data.skip_positions, None],
+    }
+    trainer = Trainer(saes, cfg.train, out_dir, progress=progress, metadata=metadata)
+    write_text(out_dir / CONFIG_FILENAME, dump_run_config(cfg))
+    if resume and not trainer.resume(stream):
+        log.warning("no checkpoint in %s; starting from the beginning", out_dir)
+    results = trainer.fit(stream)
+    write_json(
+        out_dir / RESOLVED_FILENAME,
+        {
+            "saelab_version": __version__,
+            "torch_version": torch.__version__,
+            "python": platform.python_version(),
+            "hooks": {
+                h: {"d_in": d, "activation_scale": stream.scales.get(h)}
+                for h, d in d_in_by_hook.items()
+            },
+            "saes": [
+                {
+                    "folder": s.cfg.folder_name,
+                    "d_in": s.d_in,
+                    "d_sae": s.d_sae,
+                    "lr": st.base_lr,
+                    "steps": cfg.train.steps,
+                }
+                for s, st in zip(saes, trainer.states, strict=True)
+            ],
+            "results": results,
+        },
+    )
+    return results

@@ -1,0 +1,301 @@
+"""The training loop: one activation stream, one or many SAEs, each with its own optimiser.
+
+The trainer never sees the language model. It takes an iterable of ``{hook: [batch, d_in]}``
+batches in normalised units (an :class:`~saelab.data.activations.ActivationStream`, a cache
+reader, or ``torch.randn`` in tests) and N SAEs; every batch feeds every SAE on its hook, so a sweep
+costs one pass of the model. A stream may expose ``scales`` (hook → activation scale),
+``state_dict()`` and ``load_state_dict()``; with them, checkpoints resume bit-exactly.
+
+Example::
+
+    trainer = Trainer([TopKSAE(SAEConfig(hook="h"), d_in=64)], TrainConfig(tokens=10_000), out)
+    trainer.fit({"h": torch.randn(4096, 64)} for _ in range(3))
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from saelab.config import TrainConfig
+from saelab.errors import SaelabError
+from saelab.saes.base import SparseAutoencoder, TrainStepOutput
+from saelab.saes.metrics import ReconstructionStats
+from saelab.saes.storage import save_sae
+from saelab.training.checkpoint import latest_checkpoint, load_state, write_checkpoint
+from saelab.training.loggers import RunLogger
+from saelab.training.schedules import lr_multiplier, penalty_multiplier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SAEState:
+    """One SAE's training state besides its weights."""
+
+    sae: SparseAutoencoder
+    optimizer: torch.optim.Optimizer
+    base_lr: float
+    folder: str
+    window: ReconstructionStats
+    """Metrics since the last log line."""
+    fired_total_F: torch.Tensor
+    """Tokens on which each feature fired, over the whole run (for the saved density)."""
+    tokens_since_fired_F: torch.Tensor
+    """Tokens since each feature last fired; ≥ the dead window means dead."""
+    last_losses: dict[str, float] = field(default_factory=dict)
+
+    def dead_F(self) -> torch.Tensor:
+        return self.tokens_since_fired_F >= self.sae.cfg.dead_window_tokens
+
+
+class Trainer:
+    def __init__(
+        self,
+        saes: list[SparseAutoencoder],
+        cfg: TrainConfig,
+        out_dir: str | Path | None = None,
+        *,
+        progress: bool = True,
+        tensorboard: bool = True,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress
+        self.metadata = metadata or {}
+        self.step = 0
+        self.tokens = 0
+        self.states = [self._new_state(sae) for sae in saes]
+        self.logger = RunLogger(self.out_dir, tensorboard) if self.out_dir is not None else None
+        self._next_checkpoint = cfg.checkpoint_every_tokens or None
+
+    def _new_state(self, sae: SparseAutoencoder) -> SAEState:
+        lr = self.cfg.lr if self.cfg.lr is not None else type(sae).default_lr(sae.d_sae)
+        optimizer = torch.optim.Adam(
+            sae.parameters(), lr=lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2)
+        )
+        device = sae.W_enc.device
+        return SAEState(
+            sae=sae,
+            optimizer=optimizer,
+            base_lr=lr,
+            folder=sae.cfg.folder_name,
+            window=ReconstructionStats(sae.d_in, sae.d_sae),
+            fired_total_F=torch.zeros(sae.d_sae, dtype=torch.int64, device=device),
+            tokens_since_fired_F=torch.zeros(sae.d_sae, dtype=torch.int64, device=device),
+        )
+
+    # ----- the story ----------------------------------------------------------------------------
+
+    def fit(self, stream: Iterable[dict[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+        """Train every SAE for ``cfg.tokens`` tokens; returns final metrics per SAE folder."""
+        total = self.cfg.steps
+        bar = tqdm(
+            total=total,
+            initial=self.step,
+            disable=not self.progress,
+            unit="step",
+            desc="train",
+            dynamic_ncols=True,
+        )
+        started = time.perf_counter()
+        batches = iter(stream)
+        while self.step < total:
+            batch = next(batches, None)
+            if batch is None:
+                raise SaelabError(
+                    f"the activation stream ran out after {self.tokens:,} tokens of "
+                    f"{self.cfg.tokens:,}; use a larger dataset or fewer --tokens"
+                )
+            if self.step == 0:
+                self._init_from_first_batch(batch, stream)
+            for state in self.states:
+                self._train_step(state, batch[state.sae.cfg.hook])
+            self.step += 1
+            self.tokens += self._batch_tokens(batch)
+            if self.step % self.cfg.log_every_steps == 0 or self.step == total:
+                bar.set_postfix(self._log_window(time.perf_counter() - started), refresh=False)
+            bar.update(1)
+            self._checkpoint_if_due(stream)
+        bar.close()
+        return self._finish(stream)
+
+    # ----- named side concerns ------------------------------------------------------------------
+
+    def _init_from_first_batch(self, batch: dict[str, torch.Tensor], stream: Any) -> None:
+        scales = getattr(stream, "scales", None) or {}
+        for state in self.states:
+            hook = state.sae.cfg.hook
+            if hook not in batch:
+                raise SaelabError(
+                    f"SAE {state.folder} needs hook {hook!r} but the stream yields "
+                    f"{sorted(batch)}; add the hook to the stream"
+                )
+            x_BD = batch[hook]
+            if x_BD.shape[-1] != state.sae.d_in:
+                raise SaelabError(
+                    f"SAE {state.folder} has d_in={state.sae.d_in} but hook {hook} gives "
+                    f"width {x_BD.shape[-1]}"
+                )
+            state.sae.activation_scale.fill_(float(scales.get(hook, 1.0)))
+            state.sae.init_from_data_(x_BD)
+
+    def _train_step(self, state: SAEState, x_BD: torch.Tensor) -> TrainStepOutput:
+        sae, opt = state.sae, state.optimizer
+        total = self.cfg.steps
+        lr = state.base_lr * lr_multiplier(
+            self.step, total, self.cfg.lr_warmup_frac, self.cfg.lr_decay_frac
+        )
+        for group in opt.param_groups:
+            group["lr"] = lr
+        out = sae.training_step(
+            x_BD,
+            penalty_scale=penalty_multiplier(self.step, total, self.cfg.l1_warmup_frac),
+            dead_F=state.dead_F(),
+        )
+        out.loss.backward()
+        sae.before_optimizer_step_()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.after_optimizer_step_()
+        self._update_feature_stats(state, out, x_BD)
+        state.last_losses = {k: float(v) for k, v in out.losses.items()}
+        state.last_losses["lr"] = lr
+        return out
+
+    def _update_feature_stats(self, state: SAEState, out: TrainStepOutput, x_BD) -> None:
+        fired_F = out.feats.fired_counts()
+        state.fired_total_F += fired_F
+        state.tokens_since_fired_F += x_BD.shape[0]
+        state.tokens_since_fired_F[fired_F > 0] = 0
+        state.window.update(x_BD, out.recon_BD, out.feats.l0_per_token(), fired_F)
+
+    @staticmethod
+    def _batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+        return next(iter(batch.values())).shape[0]
+
+    def _log_window(self, elapsed: float) -> dict[str, str]:
+        """Write one log record per SAE; returns progress-bar fields for the first."""
+        postfix: dict[str, str] = {}
+        for i, state in enumerate(self.states):
+            metrics = state.window.compute()
+            frac_dead = float(state.dead_F().double().mean())
+            record = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "sae": state.folder,
+                **state.last_losses,
+                "l0": metrics["l0"],
+                "fvu": metrics["fvu"],
+                "frac_dead": frac_dead,
+                "tokens_per_s": self.tokens / max(elapsed, 1e-9),
+            }
+            if self.logger is not None:
+                self.logger.log(record)
+            if i == 0:
+                postfix = {
+                    "L0": f"{metrics['l0']:.1f}",
+                    "FVU": f"{metrics['fvu']:.3f}",
+                    "dead": f"{frac_dead:.1%}",
+                }
+            state.window.reset()
+        return postfix
+
+    # ----- checkpoints ---------------------------------------------------------------------------
+
+    def _checkpoint_if_due(self, stream: Any) -> None:
+        if self._next_checkpoint is None or self.out_dir is None:
+            return
+        if self.tokens >= self._next_checkpoint and self.step < self.cfg.steps:
+            self.save_checkpoint(stream)
+            while self._next_checkpoint <= self.tokens:
+                self._next_checkpoint += self.cfg.checkpoint_every_tokens
+
+    def save_checkpoint(self, stream: Any) -> Path:
+        if self.out_dir is None:
+            raise SaelabError("checkpoints need an output directory")
+        states: dict[str, Any] = {
+            "trainer": {
+                "step": self.step,
+                "tokens": self.tokens,
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            }
+        }
+        for i, state in enumerate(self.states):
+            states[f"sae_{i}"] = {
+                "folder": state.folder,
+                "params": {k: v for k, v in state.sae.state_dict().items()},
+                "activation_scale": state.sae.activation_scale,
+                "optimizer": state.optimizer.state_dict(),
+                "fired_total": state.fired_total_F,
+                "tokens_since_fired": state.tokens_since_fired_F,
+            }
+        if hasattr(stream, "state_dict"):
+            states["stream"] = stream.state_dict()
+        path = write_checkpoint(self.out_dir, self.step, states)
+        log.info("checkpoint written to %s", path)
+        return path
+
+    def resume(self, stream: Any) -> bool:
+        """Restore the latest checkpoint of ``out_dir`` into this trainer and ``stream``."""
+        if self.out_dir is None or (path := latest_checkpoint(self.out_dir)) is None:
+            return False
+        trainer_state = load_state(path, "trainer")
+        for i, state in enumerate(self.states):
+            saved = load_state(path, f"sae_{i}")
+            if saved["folder"] != state.folder:
+                raise SaelabError(
+                    f"checkpoint {path} holds SAE {saved['folder']!r} where the config has "
+                    f"{state.folder!r}; resume with the run's saved config.toml"
+                )
+            state.sae.load_state_dict(saved["params"])
+            state.sae.activation_scale.copy_(saved["activation_scale"])
+            state.optimizer.load_state_dict(saved["optimizer"])
+            state.fired_total_F.copy_(saved["fired_total"])
+            state.tokens_since_fired_F.copy_(saved["tokens_since_fired"])
+        if hasattr(stream, "load_state_dict"):
+            stream.load_state_dict(load_state(path, "stream"))
+        self.step = int(trainer_state["step"])
+        self.tokens = int(trainer_state["tokens"])
+        torch.set_rng_state(trainer_state["rng"])
+        if trainer_state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
+        if self.cfg.checkpoint_every_tokens:
+            every = self.cfg.checkpoint_every_tokens
+            self._next_checkpoint = (self.tokens // every + 1) * every
+        log.info("resumed from %s at step %d (%d tokens)", path, self.step, self.tokens)
+        return True
+
+    # ----- the end -----------------------------------------------------------------------------
+
+    def _finish(self, stream: Any) -> dict[str, dict[str, float]]:
+        results: dict[str, dict[str, float]] = {}
+        for state in self.states:
+            density_F = state.fired_total_F.double().cpu() / max(self.tokens, 1)
+            results[state.folder] = {
+                "tokens": self.tokens,
+                "frac_dead": float(state.dead_F().double().mean()),
+                "frac_never_fired": float((state.fired_total_F == 0).double().mean()),
+                **{k: v for k, v in state.last_losses.items()},
+            }
+            if self.out_dir is not None:
+                save_sae(
+                    state.sae,
+                    self.out_dir / state.folder,
+                    log10_density=torch.log10(density_F + 1e-10),
+                    metadata={**self.metadata, "training_tokens": self.tokens},
+                )
+        if self.logger is not None:
+            self.logger.close()
+        return results
