@@ -46,13 +46,22 @@ def _int(text: str) -> int:
         return int(value)
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes are reported like every other error: one line, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"saelab: error: {message} (see: {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="saelab", description="Train, evaluate and use sparse autoencoders on LMs."
     )
     parser.add_argument("--version", action="version", version=f"saelab {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_OneLineErrors
+    )
 
     train = sub.add_parser("train", help="train one or more SAEs on a model's activations")
     train.add_argument("config", nargs="?", help="TOML run file ([model] [data] [train] [[sae]])")

@@ -382,6 +382,7 @@ class TokenBatches:
     ) -> None:
         _check_sizes(context, batch_size)
         self.spec = spec
+        self.tokenizer = tokenizer
         self.context = context
         self.batch_size = batch_size
         self.seed = seed

@@ -56,7 +56,9 @@ def load_model(
         if not path.is_file():
             raise SaelabError(f"no GGUF file at '{name}'; check the path")
         model, tokenizer = _load_gguf(path, dtype)
-    else:
+    elif Path(name).expanduser().is_dir():
+        model, tokenizer = _from_pretrained(str(Path(name).expanduser()), dtype)
+    else:  # a hub id
         model, tokenizer = _from_pretrained(name, dtype)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # Only padding of batches uses it; attention masks keep it out of every result.
@@ -108,7 +110,10 @@ def gguf_cache_dir(gguf: Path) -> Path:
 def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     cached = gguf_cache_dir(gguf)
     if cached.is_dir():  # only ever created complete, by a rename
-        return _from_pretrained(str(cached), dtype)
+        try:
+            return _from_pretrained(str(cached), dtype)
+        except SaelabError as err:
+            raise SaelabError(f"{err}; the cache looks damaged: delete {cached} and retry") from err
     logger.info("dequantising %s once; later loads read the copy in %s", gguf.name, cached)
     model, tokenizer = _dequantise(gguf)
     try:
@@ -155,6 +160,7 @@ def _write_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tar
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp's private 0700 would outlive the rename
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         try:
@@ -173,7 +179,8 @@ def _from_pretrained(
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # transformers' messages span lines; users get one.
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
         raise SaelabError(
             f"could not load model '{name}' ({reason}); pass 'default', a .gguf file, a local "
             "model directory or a Hugging Face hub id"
