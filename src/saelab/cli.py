@@ -154,6 +154,18 @@ def _cmd_hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_dependencies() -> None:
+    """saelab shows its own progress; the libraries' per-file bars would bury it (and errors)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        return
+    disable_progress_bars()
+
+
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "hooks": _cmd_hooks}
 
 
@@ -165,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("transformers", "httpx", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    _quiet_dependencies()
     try:
         return COMMANDS[args.command](args)
     except SaelabError as exc:

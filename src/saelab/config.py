@@ -210,17 +210,23 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     if not isinstance(value, str):
         return value
     kind = str(f.type)
+    # Before the numeric parse: `--set train.lr=none` means "back to the default (None)".
+    if "None" in kind and value.lower() == "none":
+        return None
     try:
         if kind.startswith("int"):
-            return int(float(value)) if "e" in value.lower() else int(value)
+            if "e" not in value.lower():
+                return int(value)
+            number = float(value)  # 2e5; but 2.5e0 is not a whole number
+            if not number.is_integer():
+                raise ValueError(value)
+            return int(number)
         if kind.startswith("float"):
             return float(value)
     except ValueError as exc:
         raise SaelabError(f"{where}.{f.name} must be a number, got {value!r}") from exc
     if kind.startswith("bool"):
         return value.lower() in ("1", "true", "yes")
-    if "None" in kind and value.lower() == "none":
-        return None
     return value
 
 

@@ -89,7 +89,10 @@ def test_model_activations_flatten_kept_positions(model):
 def test_several_hooks_share_one_shuffle(model, tokenizer, text_file):
     # resid_pre of block 2 is resid_post of block 1: identical rows prove one permutation.
     stream = make_stream(
-        model, tokenizer, text_file, hooks=(HOOK, "blocks.2.hook_resid_pre", "blocks.0.hook_mlp_out")
+        model,
+        tokenizer,
+        text_file,
+        hooks=(HOOK, "blocks.2.hook_resid_pre", "blocks.0.hook_mlp_out"),
     )
     for _, batch in zip(range(12), stream, strict=False):
         torch.testing.assert_close(batch[HOOK], batch["blocks.2.hook_resid_pre"])

@@ -26,10 +26,7 @@ def _inputs(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _leaves(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {
-        name: t.clone().requires_grad_(name != "target")
-        for name, t in inputs.items()
-    }
+    return {name: t.clone().requires_grad_(name != "target") for name, t in inputs.items()}
 
 
 def _dense_reference(p: dict[str, torch.Tensor], k: int):
@@ -73,13 +70,9 @@ def test_forward_and_gradients_match_dense_reference(dtype, tol, k):
     (weights * (recon - inputs["target"]) ** 2).sum().backward()
     for name in ("x", "W_enc", "b_enc", "W_dec"):
         assert sparse[name].grad is not None, name
-        torch.testing.assert_close(
-            sparse[name].grad, dense[name].grad, rtol=tol, atol=tol
-        )
+        torch.testing.assert_close(sparse[name].grad, dense[name].grad, rtol=tol, atol=tol)
     # d loss / d vals equals the dense gradient at the chosen features.
-    torch.testing.assert_close(
-        vals_BK.grad, acts_BF.grad.gather(-1, idx_BK), rtol=tol, atol=tol
-    )
+    torch.testing.assert_close(vals_BK.grad, acts_BF.grad.gather(-1, idx_BK), rtol=tol, atol=tol)
 
 
 def test_gradients_flow_only_to_inputs_that_need_them():
@@ -121,7 +114,9 @@ def test_sparse_decode_repeated_feature_sums_its_values():
 def test_scatter_dense_places_each_value_at_its_index(lead):
     g = torch.Generator().manual_seed(2)
     # Distinct indices per row: a random permutation's first K entries.
-    idx = torch.stack([torch.randperm(F, generator=g)[:K] for _ in range(int(torch.tensor(lead).prod()))])
+    idx = torch.stack(
+        [torch.randperm(F, generator=g)[:K] for _ in range(int(torch.tensor(lead).prod()))]
+    )
     idx = idx.reshape(*lead, K)
     vals = torch.randn(*lead, K, generator=g)
     dense = scatter_dense(idx, vals, F)

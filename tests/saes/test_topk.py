@@ -239,9 +239,10 @@ def test_geometric_median_resists_an_outlier():
 def test_geometric_median_of_symmetric_points_is_their_center():
     g = torch.Generator().manual_seed(1)
     center = torch.randn(D_IN, generator=g, dtype=torch.float64)
-    offsets = torch.randn(10, D_IN, generator=g, dtype=torch.float64) * torch.linspace(1, 9, 10)[
-        :, None
-    ].double()
+    offsets = (
+        torch.randn(10, D_IN, generator=g, dtype=torch.float64)
+        * torch.linspace(1, 9, 10)[:, None].double()
+    )
     points = torch.cat([center + offsets, center - offsets])
     torch.testing.assert_close(geometric_median(points), center, atol=1e-6, rtol=0)
 

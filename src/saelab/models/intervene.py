@@ -62,7 +62,7 @@ def capture(
         acts[point.name] = act.detach() if detach else act
         pending.discard(point.name)
         if stop and not pending:
-            pending.update(points)  # the next forward in this block starts afresh
+            pending.update(points)  # should the caller catch the stop and run again
             raise stopper
 
     with ExitStack() as handles:

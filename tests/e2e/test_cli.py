@@ -1,0 +1,176 @@
+"""The real ``saelab`` command, run as a subprocess, on a tiny local model and a text file."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saelab.evaluation.evaluate import METRIC_KEYS
+from tiny_models import VOCAB_SIZE, build_tiny_model, build_tiny_tokenizer
+
+pytestmark = pytest.mark.e2e
+
+HOOK = "blocks.1.hook_resid_post"
+FOLDER = f"{HOOK}-topk-x4-k8"
+
+
+def saelab(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "saelab", "-q", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model("llama").save_pretrained(path)
+    build_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def words_file(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    docs = [" ".join(f"w{rng.randrange(3, VOCAB_SIZE)}" for _ in range(400)) for _ in range(300)]
+    path = tmp_path_factory.mktemp("text") / "words.txt"
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+def train_args(model_dir, text, out, *extra):
+    return (
+        "train",
+        "--model",
+        str(model_dir),
+        "--hook",
+        HOOK,
+        "--arch",
+        "topk",
+        "--expansion",
+        "4",
+        "--k",
+        "8",
+        "--tokens",
+        "12800",
+        "--batch-size",
+        "256",
+        "--dataset",
+        str(text),
+        "--context",
+        "32",
+        "--set",
+        "data.buffer_size=1024",
+        "--out",
+        str(out),
+        *extra,
+    )
+
+
+def test_train_then_eval(tiny_model_dir, words_file, tmp_path):
+    out = tmp_path / "run"
+    done = saelab(*train_args(tiny_model_dir, words_file, out))
+    assert done.returncode == 0, done.stderr
+    assert f"{out / FOLDER}" in done.stdout
+    sae_dir = out / FOLDER
+    for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors"):
+        assert (sae_dir / name).is_file(), name
+    weights = load_file(sae_dir / "sae_weights.safetensors")
+    assert weights["W_enc"].shape == (64, 256) and weights["W_dec"].shape == (256, 64)
+    assert (out / "config.toml").read_text().count("[[sae]]") == 1
+    resolved = json.loads((out / "resolved.json").read_text())
+    assert resolved["hooks"][HOOK]["d_in"] == 64
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["tokens"] == 12800 and log[-1]["step"] == 50
+    assert list((out / "tensorboard").glob("events.*"))
+
+    evaluated = saelab("eval", str(sae_dir), "--tokens", "2048")
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads((sae_dir / "metrics.json").read_text())
+    assert tuple(metrics) == METRIC_KEYS
+    assert 0 < metrics["l0"] <= 8
+    assert 0 < metrics["fvu"] < 1.5
+    for key in METRIC_KEYS:
+        assert key in evaluated.stdout
+
+
+def test_resume_continues_to_the_same_result(tiny_model_dir, words_file, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dir, words_file, out, "--checkpoint-every", "5120")
+    assert saelab(*args).returncode == 0
+    first = load_file(out / FOLDER / "sae_weights.safetensors")
+    checkpoints = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert checkpoints["step"] == 40  # 10240 tokens = 40 steps of 256
+    # Resuming re-runs steps 40..50 from the checkpoint: the same SAE, bit for bit.
+    again = saelab("train", "--out", str(out), "--resume")
+    assert again.returncode == 0, again.stderr
+    second = load_file(out / FOLDER / "sae_weights.safetensors")
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("saelab: error:")
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+def test_unknown_hook_lists_the_valid_ones(tiny_model_dir, words_file, tmp_path):
+    out = tmp_path / "run"
+    args = list(train_args(tiny_model_dir, words_file, out))
+    args[args.index(HOOK)] = "blocks.9.hook_resid_post"
+    message = one_line_error(saelab(*args))
+    assert "blocks.9.hook_resid_post" in message and "hook_resid_post" in message
+    assert "valid" in message
+    assert not any(out.glob("*/cfg.json"))  # nothing half-made
+
+
+def test_unknown_arch_is_one_line(tiny_model_dir, words_file, tmp_path):
+    args = list(train_args(tiny_model_dir, words_file, tmp_path / "run"))
+    args[args.index("topk")] = "sparsest"
+    message = one_line_error(saelab(*args))
+    assert "relu" in message and "topk" in message
+
+
+def test_eval_rejects_an_sae_of_another_width(tiny_model_dir, tmp_path):
+    from saelab.config import SAEConfig
+    from saelab.saes import TopKSAE
+    from saelab.saes.storage import save_sae
+
+    save_sae(TopKSAE(SAEConfig(hook=HOOK, k=4), d_in=32), tmp_path / "narrow")
+    message = one_line_error(
+        saelab("eval", str(tmp_path / "narrow"), "--model", str(tiny_model_dir))
+    )
+    assert "d_in=32" in message and "64" in message
+
+
+def test_hooks_lists_every_hook_with_its_width(tiny_model_dir):
+    done = saelab("hooks", str(tiny_model_dir))
+    assert done.returncode == 0, done.stderr
+    rows = dict(line.split("\t") for line in done.stdout.strip().splitlines())
+    assert rows["blocks.0.hook_resid_post"] == "64"
+    assert rows["blocks.2.mlp.hook_post"] == "96"
+    assert len(rows) == 3 * 7
+
+
+def test_finished_run_is_not_overwritten(tiny_model_dir, words_file, tmp_path):
+    out = tmp_path / "run"
+    assert saelab(*train_args(tiny_model_dir, words_file, out)).returncode == 0
+    message = one_line_error(saelab(*train_args(tiny_model_dir, words_file, out)))
+    assert "--resume" in message
