@@ -253,6 +253,7 @@ def test_architecture_class_unknown_name_lists_choices():
     assert "nope" in str(err.value) and all(name in str(err.value) for name in ARCHITECTURES)
 
 
+@pytest.mark.e2e  # the real `python -m saelab` process: a few seconds of imports
 def test_cli_eval_on_truncated_folder_is_a_one_line_error(tmp_path):
     directory = _saved(tmp_path)
     path = directory / WEIGHTS_FILENAME

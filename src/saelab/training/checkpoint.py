@@ -91,7 +91,7 @@ def write_checkpoint(out_dir: Path, step: int, states: dict[str, Any], keep: int
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     write_json(root / "latest.json", {"step": step, "path": final.name})
-    for old in sorted(root.glob("step_*"))[:-keep]:
+    for old in sorted(root.glob("step_*"))[: -keep or None]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
