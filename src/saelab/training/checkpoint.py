@@ -91,7 +91,8 @@ def write_checkpoint(out_dir: Path, step: int, states: dict[str, Any], keep: int
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     write_json(root / "latest.json", {"step": step, "path": final.name})
-    for old in sorted(root.glob("step_*"))[: -keep or None]:
+    # The newest `keep` folders stay (at least the one just written).
+    for old in sorted(root.glob("step_*"))[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
