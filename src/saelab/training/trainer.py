@@ -56,6 +56,21 @@ class SAEState:
         return self.tokens_since_fired_F >= self.sae.cfg.dead_window_tokens
 
 
+def _adam(
+    params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float]
+) -> torch.optim.Optimizer:
+    """Adam, with PyTorch's fused kernel where it has one (CPU from 2.4, CUDA).
+
+    The default CPU Adam runs about eight elementwise passes per parameter, each allocating a
+    temporary; the fused kernel makes one pass and was ~10× faster for a 9k-feature SAE. Same
+    update rule, so results agree to float rounding.
+    """
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
 class Trainer:
     def __init__(
         self,
@@ -79,9 +94,7 @@ class Trainer:
 
     def _new_state(self, sae: SparseAutoencoder) -> SAEState:
         lr = self.cfg.lr if self.cfg.lr is not None else type(sae).default_lr(sae.d_sae)
-        optimizer = torch.optim.Adam(
-            sae.parameters(), lr=lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2)
-        )
+        optimizer = _adam(list(sae.parameters()), lr, (self.cfg.adam_beta1, self.cfg.adam_beta2))
         device = sae.W_enc.device
         return SAEState(
             sae=sae,
@@ -177,7 +190,7 @@ class Trainer:
         fired_F = out.feats.fired_counts()
         state.fired_total_F += fired_F
         state.tokens_since_fired_F += x_BD.shape[0]
-        state.tokens_since_fired_F[fired_F > 0] = 0
+        state.tokens_since_fired_F.masked_fill_(fired_F > 0, 0)
         state.window.update(x_BD, out.recon_BD, out.feats.l0_per_token(), fired_F)
 
     @staticmethod
