@@ -86,24 +86,31 @@ def build_trainer(args: argparse.Namespace, batches: list[torch.Tensor]) -> Trai
     return trainer
 
 
+def _page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class PhaseTimer:
-    """Accumulates wall time per named phase within one step."""
+    """Accumulates wall time and page faults per named phase within one step."""
 
     def __init__(self) -> None:
         self.current: dict[str, float] = defaultdict(float)
+        self.faults: dict[str, int] = defaultdict(int)
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*a: Any, **kw: Any) -> Any:
-            start = time.perf_counter()
+            faults, start = _page_faults(), time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
                 self.current[name] += time.perf_counter() - start
+                self.faults[name] += _page_faults() - faults
 
         return timed
 
-    def take(self) -> dict[str, float]:
-        out, self.current = dict(self.current), defaultdict(float)
+    def take(self) -> tuple[dict[str, float], dict[str, int]]:
+        out = dict(self.current), dict(self.faults)
+        self.current, self.faults = defaultdict(float), defaultdict(int)
         return out
 
 
@@ -143,22 +150,25 @@ def time_saelab(args: argparse.Namespace, batches: list[torch.Tensor]) -> dict[s
     totals: list[float] = []
     faults: list[int] = []
     per_phase: dict[str, list[float]] = defaultdict(list)
+    faults_per_phase: dict[str, list[int]] = defaultdict(list)
     with phases_timed(trainer, timer):
         for i in range(args.warmup + args.steps):
             x_BD = batches[i % len(batches)]
-            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            start = time.perf_counter()
+            faults_before, start = _page_faults(), time.perf_counter()
             trainer._train_step(state, x_BD)
             elapsed = time.perf_counter() - start
+            step_faults = _page_faults() - faults_before
             trainer.step += 1
-            phases = timer.take()
+            phases, phase_faults = timer.take()
             if i < args.warmup:
                 continue
             totals.append(elapsed)
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+            faults.append(step_faults)
             phases["other"] = elapsed - sum(phases.values())
+            phase_faults["other"] = step_faults - sum(phase_faults.values())
             for name, seconds in phases.items():
                 per_phase[name].append(seconds)
+                faults_per_phase[name].append(phase_faults[name])
     if args.profile:
         profile_steps(trainer, batches)
     step_s = statistics.median(totals)
@@ -169,6 +179,9 @@ def time_saelab(args: argparse.Namespace, batches: list[torch.Tensor]) -> dict[s
         "breakdown_ms": {k: round(statistics.median(v) * 1e3, 2) for k, v in per_phase.items()},
         # Fresh memory costs a page fault per 4 KiB touched, which is slow inside a VM.
         "page_faults_per_step": int(statistics.median(faults)),
+        "page_faults_breakdown": {
+            k: int(statistics.median(v)) for k, v in faults_per_phase.items() if any(v)
+        },
         "last_mse": state.last_losses.get("mse"),
     }
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -28,17 +27,8 @@ def tokenizer():
     return build_tiny_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    rng = random.Random(0)
-    docs = [" ".join(f"w{rng.randrange(3, VOCAB_SIZE)}" for _ in range(200)) for _ in range(200)]
-    path = tmp_path_factory.mktemp("text") / "words.txt"
-    path.write_text("\n\n".join(docs))
-    return path
-
-
-def make_stream(model, tokenizer, text_file, hooks=(HOOK,), **kwargs):
-    tokens = TokenBatches(str(text_file), tokenizer, context=16, batch_size=8, seed=0)
+def make_stream(model, tokenizer, words_file, hooks=(HOOK,), **kwargs):
+    tokens = TokenBatches(str(words_file), tokenizer, context=16, batch_size=8, seed=0)
     options = {"batch_size": 32, "buffer_size": 256, "seed": 0} | kwargs
     return ActivationStream(model, tokens, list(hooks), **options)
 
@@ -49,9 +39,9 @@ def test_token_mask_drops_first_positions_and_special_tokens():
     assert keep.tolist() == [[False, True, False, True], [False, True, True, False]]
 
 
-def test_batches_have_the_right_shape_and_mean_norm(model, tokenizer, text_file):
+def test_batches_have_the_right_shape_and_mean_norm(model, tokenizer, words_file):
     # Estimate the scale on the whole first fill, so its mean norm is exactly √d.
-    stream = make_stream(model, tokenizer, text_file, norm_estimate_tokens=10**6)
+    stream = make_stream(model, tokenizer, words_file, norm_estimate_tokens=10**6)
     batches = iter(stream)
     first = next(batches)[HOOK]
     assert first.shape == (32, 64)
@@ -60,12 +50,12 @@ def test_batches_have_the_right_shape_and_mean_norm(model, tokenizer, text_file)
     assert stream.scales[HOOK] > 0
 
 
-def test_rows_are_the_kept_positions_of_the_model(model, tokenizer, text_file):
-    stream = make_stream(model, tokenizer, text_file)
+def test_rows_are_the_kept_positions_of_the_model(model, tokenizer, words_file):
+    stream = make_stream(model, tokenizer, words_file)
     next(iter(stream))
     served = stream._buffer[HOOK] / stream.scales[HOOK]
     # Oracle: the same token batches, activations taken directly, BOS position dropped.
-    tokens = TokenBatches(str(text_file), tokenizer, context=16, batch_size=8, seed=0)
+    tokens = TokenBatches(str(words_file), tokenizer, context=16, batch_size=8, seed=0)
     rows = []
     while sum(r.shape[0] for r in rows) < served.shape[0]:
         tokens_NP = next(tokens)
@@ -86,12 +76,12 @@ def test_model_activations_flatten_kept_positions(model):
     assert acts.shape == (2 * 4, 64)
 
 
-def test_several_hooks_share_one_shuffle(model, tokenizer, text_file):
+def test_several_hooks_share_one_shuffle(model, tokenizer, words_file):
     # resid_pre of block 2 is resid_post of block 1: identical rows prove one permutation.
     stream = make_stream(
         model,
         tokenizer,
-        text_file,
+        words_file,
         hooks=(HOOK, "blocks.2.hook_resid_pre", "blocks.0.hook_mlp_out"),
     )
     for _, batch in zip(range(12), stream, strict=False):
@@ -99,22 +89,22 @@ def test_several_hooks_share_one_shuffle(model, tokenizer, text_file):
         assert batch["blocks.0.hook_mlp_out"].shape == (32, 64)
 
 
-def test_state_dict_resumes_the_exact_same_batches(model, tokenizer, text_file):
-    stream = make_stream(model, tokenizer, text_file)
+def test_state_dict_resumes_the_exact_same_batches(model, tokenizer, words_file):
+    stream = make_stream(model, tokenizer, words_file)
     batches = iter(stream)
     for _ in range(7):  # past the first refill (4 batches per half buffer)
         next(batches)
     state = stream.state_dict()
     expected = [next(batches)[HOOK] for _ in range(9)]
 
-    resumed = make_stream(model, tokenizer, text_file)
+    resumed = make_stream(model, tokenizer, words_file)
     resumed.load_state_dict(state)
     got = [b[HOOK] for _, b in zip(range(9), resumed, strict=False)]
     for a, b in zip(expected, got, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_buffer_is_at_least_two_batches(model, tokenizer, text_file):
-    stream = make_stream(model, tokenizer, text_file, buffer_size=10)
+def test_buffer_is_at_least_two_batches(model, tokenizer, words_file):
+    stream = make_stream(model, tokenizer, words_file, buffer_size=10)
     assert stream.buffer_size == 64
     assert next(iter(stream))[HOOK].shape == (32, 64)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from saelab.evaluation.evaluate import METRIC_KEYS
-from tiny_models import VOCAB_SIZE, build_tiny_model, build_tiny_tokenizer
+from tiny_models import build_tiny_model, build_tiny_tokenizer
 
 pytestmark = pytest.mark.e2e
 
@@ -39,15 +38,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")
     build_tiny_model("llama").save_pretrained(path)
     build_tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def words_file(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    docs = [" ".join(f"w{rng.randrange(3, VOCAB_SIZE)}" for _ in range(400)) for _ in range(300)]
-    path = tmp_path_factory.mktemp("text") / "words.txt"
-    path.write_text("\n\n".join(docs))
     return path
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -72,15 +70,6 @@ def test_splice_only_touches_kept_positions():
     sums = SpliceSums()
     splice_batch(model, HOOK, toks, keep, torch.zeros_like, sums)
     assert sums.n_positions == 0  # nothing replaced, nothing scored
-
-
-@pytest.fixture(scope="module")
-def words_file(tmp_path_factory):
-    rng = random.Random(0)
-    docs = [" ".join(f"w{rng.randrange(3, VOCAB_SIZE)}" for _ in range(300)) for _ in range(50)]
-    path = tmp_path_factory.mktemp("words") / "words.txt"
-    path.write_text("\n\n".join(docs))
-    return path
 
 
 def test_evaluate_sae_reports_exactly_the_metric_keys(words_file):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -20,15 +18,6 @@ from tiny_models import FAMILIES, VOCAB_SIZE, build_tiny_model, build_tiny_token
 pytestmark = pytest.mark.integration
 
 HOOKS = ("blocks.1.hook_resid_post", "blocks.0.hook_mlp_out", "blocks.2.attn.hook_z")
-
-
-@pytest.fixture(scope="module")
-def words_file(tmp_path_factory):
-    rng = random.Random(0)
-    docs = [" ".join(f"w{rng.randrange(3, VOCAB_SIZE)}" for _ in range(300)) for _ in range(60)]
-    path = tmp_path_factory.mktemp("words") / "words.txt"
-    path.write_text("\n\n".join(docs))
-    return path
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from saelab.data.corpus import default_documents
 from saelab.errors import MissingPackageError, SaelabError
+from saelab.models.loading import bos_token_id as bos_token_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -346,17 +347,6 @@ def _check_sizes(context: int, batch_size: int) -> None:
         raise SaelabError(f"batch_size is {batch_size} but must be at least 1; set it to 1 or more")
 
 
-def default_bos_token_id(tokenizer: Any) -> int:
-    """The tokenizer's BOS token, else its EOS token (as GPT-2 and Pythia use)."""
-    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    raise SaelabError(
-        f"tokenizer {type(tokenizer).__name__} has neither a BOS nor an EOS token; "
-        f"pass bos_token_id explicitly"
-    )
-
-
 class TokenBatches:
     """A resumable stream of `[batch_size, context]` token batches from a text spec.
 
@@ -386,9 +376,7 @@ class TokenBatches:
         self.context = context
         self.batch_size = batch_size
         self.seed = seed
-        self.bos_token_id = (
-            default_bos_token_id(tokenizer) if bos_token_id is None else bos_token_id
-        )
+        self.bos_token_id = bos_token_id_of(tokenizer) if bos_token_id is None else bos_token_id
         self.batches_yielded = 0
         # The source is opened now so a wrong path or dataset name fails before a model loads;
         # tokenising starts only at the first batch.

@@ -74,7 +74,7 @@ def bos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
             return int(token_id)
     raise SaelabError(
         f"tokenizer '{tokenizer.name_or_path}' has neither a BOS nor an EOS token; "
-        "use a model whose tokenizer defines one"
+        "use a model whose tokenizer defines one, or pass bos_token_id explicitly"
     )
 
 

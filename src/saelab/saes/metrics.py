@@ -29,6 +29,9 @@ DENSE_THRESHOLD = 0.1
 DENSITY_EPS = 1e-10
 """Added before log10 so that dead features get a finite log density."""
 
+_CHUNK_ELEMENTS = 1 << 18
+"""Elements per float64 block in :meth:`ReconstructionStats.update` (2 MiB, stays in cache)."""
+
 
 class ReconstructionStats:
     """Global sums over every token passed to :meth:`update`."""
@@ -60,21 +63,39 @@ class ReconstructionStats:
         l0_B: Int[Tensor, " B"],
         fired_F: Int[Tensor, " F"],
     ) -> None:
-        x = x_BD.detach().to("cpu", torch.float64)
-        recon = recon_BD.detach().to("cpu", torch.float64)
-        err = x - recon
-        x_norm = x.norm(dim=-1)
-        recon_norm = recon.norm(dim=-1)
-        self.n_tokens += x.shape[0]
+        x_BD, recon_BD = x_BD.detach(), recon_BD.detach()
+        # float64 a block of rows at a time: the same sums, without float64 copies of the whole
+        # batch (each a fresh allocation that costs a page fault per 4 KiB on first touch).
+        rows = max(1, _CHUNK_ELEMENTS // max(self.d_in, 1))
+        sums_6 = torch.zeros(6, dtype=torch.float64)
+        for start in range(0, x_BD.shape[0], rows):
+            x = x_BD[start : start + rows].to("cpu", torch.float64)
+            recon = recon_BD[start : start + rows].to("cpu", torch.float64)
+            err = x - recon
+            x_norm = x.norm(dim=-1)
+            recon_norm = recon.norm(dim=-1)
+            dot_B = torch.linalg.vecdot(x, recon)
+            self.sum_x_D += x.sum(0)
+            self.sum_err_D += err.sum(0)
+            sums_6 += torch.stack(
+                [
+                    x_norm.pow(2).sum(),
+                    recon_norm.pow(2).sum(),
+                    err.pow(2).sum(),
+                    dot_B.sum(),
+                    (dot_B / (x_norm * recon_norm).clamp_min(1e-12)).sum(),
+                    (recon_norm / x_norm.clamp_min(1e-12)).sum(),
+                ]
+            )
+        sq_x, sq_recon, sq_err, dot, cos, l2_ratio = sums_6.tolist()
+        self.n_tokens += x_BD.shape[0]
         self.sum_l0 += float(l0_B.sum())
-        self.sum_x_D += x.sum(0)
-        self.sum_err_D += err.sum(0)
-        self.sum_sq_x += float(x_norm.pow(2).sum())
-        self.sum_sq_recon += float(recon_norm.pow(2).sum())
-        self.sum_sq_err += float(err.pow(2).sum())
-        self.sum_dot += float((x * recon).sum())
-        self.sum_cos += float(((x * recon).sum(-1) / (x_norm * recon_norm).clamp_min(1e-12)).sum())
-        self.sum_l2_ratio += float((recon_norm / x_norm.clamp_min(1e-12)).sum())
+        self.sum_sq_x += sq_x
+        self.sum_sq_recon += sq_recon
+        self.sum_sq_err += sq_err
+        self.sum_dot += dot
+        self.sum_cos += cos
+        self.sum_l2_ratio += l2_ratio
         self.fired_F += fired_F.detach().to("cpu", torch.int64)
 
     # ----- results ----------------------------------------------------------------------------

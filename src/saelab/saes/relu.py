@@ -4,12 +4,19 @@
 ``L = E[‖x − x̂‖² + λ Σ_i f_i ‖d_i‖]``. No unit-norm constraint: the norm-weighted penalty removes
 the scale degeneracy between encoder and decoder. Init: decoder rows random directions of norm
 0.1, ``W_enc = W_decᵀ``, zero biases.
+
+The training step is one autograd function that works through the batch a block of rows at a
+time (:class:`_ReLUBody`): the five dense products stay, but the ``[B, F]`` intermediates
+(pre-activations, their gradient, firing masks) exist only per block, where they stay in cache
+and reuse memory instead of each faulting in a fresh 100 MB buffer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from saelab.saes.base import (
@@ -19,6 +26,112 @@ from saelab.saes.base import (
     mse_per_token,
 )
 from saelab.saes.registry import register
+from saelab.saes.sparse_ops import dense_mm
+
+_BLOCK_ELEMENTS = 1 << 22
+"""Rows per block are chosen so a float32 ``[rows, F]`` block is 16 MB."""
+
+
+@dataclass
+class CountedFeatureActs(DenseFeatureActs):
+    """Dense activations whose firing counts were taken block by block during the forward."""
+
+    fired_F: Int[Tensor, " F"]
+    l0_B: Int[Tensor, " B"]
+
+    def fired_counts(self) -> Int[Tensor, " F"]:
+        return self.fired_F
+
+    def l0_per_token(self) -> Int[Tensor, " B"]:
+        return self.l0_B
+
+
+class _ReLUBody(torch.autograd.Function):
+    """``acts = ReLU(x_in W_enc + b_enc)``, ``Σ_b acts``, ``recon = acts W_dec + b_dec``, with
+    ``x_in = x − b_dec`` when ``subtract_b_dec``; also the firing counts (not differentiable).
+
+    The L1 penalty needs only ``Σ_b acts`` (a ``[F]`` vector); its gradient is the same for every
+    token, so the backward adds it as the bias of the ``grad_recon W_decᵀ`` product.
+    """
+
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, subtract_b_dec):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        batch, d_sae = x_BD.shape[0], W_enc_DF.shape[1]
+        sae_in_BD = x_BD - b_dec_D if subtract_b_dec else x_BD
+        acts_BF = x_BD.new_empty(batch, d_sae)
+        recon_BD = torch.empty_like(x_BD)
+        acts_sum_F = x_BD.new_zeros(d_sae)
+        fired_F = torch.zeros(d_sae, dtype=torch.int64, device=x_BD.device)
+        l0_B = torch.empty(batch, dtype=torch.int64, device=x_BD.device)
+        for rows in _row_blocks(batch, d_sae):
+            acts_bF = acts_BF[rows]
+            torch.clamp_min(dense_mm(sae_in_BD[rows], W_enc_DF, b_enc_F), 0, out=acts_bF)
+            recon_BD[rows] = dense_mm(acts_bF, W_dec_FD, b_dec_D)
+            active_bF = acts_bF > 0
+            fired_F += active_bF.sum(0)
+            torch.sum(active_bF, -1, out=l0_B[rows])
+            acts_sum_F += acts_bF.sum(0)
+        ctx.subtract_b_dec = subtract_b_dec
+        ctx.save_for_backward(x_BD, W_enc_DF, W_dec_FD, b_dec_D, acts_BF)
+        ctx.mark_non_differentiable(fired_F, l0_B)
+        return acts_BF, acts_sum_F, recon_BD, fired_F, l0_B
+
+    @staticmethod
+    def backward(ctx, g_acts_BF, g_acts_sum_F, g_recon_BD, _fired, _l0):  # type: ignore[override]
+        x_BD, W_enc_DF, W_dec_FD, b_dec_D, acts_BF = ctx.saved_tensors
+        need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec, _ = ctx.needs_input_grad
+        batch, d_sae = acts_BF.shape
+        sae_in_BD = x_BD - b_dec_D if ctx.subtract_b_dec else x_BD
+        grad_W_enc = grad_W_dec = grad_x = None
+        grad_b_enc_F = acts_BF.new_zeros(d_sae)
+        if need_x:
+            grad_x = torch.empty_like(x_BD)
+        for rows in _row_blocks(batch, d_sae):
+            acts_bF = acts_BF[rows]
+            gpre_bF = _grad_acts_block(g_recon_BD, W_dec_FD, g_acts_sum_F, rows, acts_bF)
+            if g_acts_BF is not None:
+                gpre_bF += g_acts_BF[rows]
+            # ReLU'(pre) = [acts > 0], as autograd's threshold_backward uses.
+            gpre_bF.masked_fill_(acts_bF <= 0, 0)
+            grad_b_enc_F += gpre_bF.sum(0)
+            if need_W_enc:
+                grad_W_enc = dense_mm(sae_in_BD[rows].t(), gpre_bF, add_MN=grad_W_enc)
+            if need_W_dec and g_recon_BD is not None:
+                grad_W_dec = dense_mm(acts_bF.t(), g_recon_BD[rows], add_MN=grad_W_dec)
+            if need_x:
+                grad_x[rows] = dense_mm(gpre_bF, W_enc_DF.t())
+        grad_b_dec = None
+        if need_b_dec:
+            grad_b_dec = torch.zeros_like(b_dec_D) if g_recon_BD is None else g_recon_BD.sum(0)
+            if ctx.subtract_b_dec:
+                grad_b_dec -= W_enc_DF @ grad_b_enc_F
+        if need_W_dec and grad_W_dec is None:
+            grad_W_dec = torch.zeros_like(W_dec_FD)
+        return (
+            grad_x,
+            grad_W_enc,
+            grad_b_enc_F if need_b_enc else None,
+            grad_W_dec,
+            grad_b_dec,
+            None,
+        )
+
+
+def _row_blocks(batch: int, d_sae: int) -> list[slice]:
+    rows = max(1, _BLOCK_ELEMENTS // d_sae)
+    return [slice(start, start + rows) for start in range(0, batch, rows)]
+
+
+def _grad_acts_block(
+    g_recon_BD: Tensor | None, W_dec_FD: Tensor, g_acts_sum_F: Tensor | None, rows: slice, acts_bF
+) -> Tensor:
+    """``g_recon W_decᵀ + g_acts_sum`` for one block of rows (either gradient may be absent)."""
+    if g_recon_BD is not None:
+        return dense_mm(g_recon_BD[rows], W_dec_FD.t(), g_acts_sum_F)
+    if g_acts_sum_F is not None:
+        return g_acts_sum_F.expand_as(acts_bF).clone()
+    return torch.zeros_like(acts_bF)
 
 
 @register
@@ -45,15 +158,16 @@ class ReLUSAE(SparseAutoencoder):
         penalty_scale: float = 1.0,
         dead_F: Tensor | None = None,
     ) -> TrainStepOutput:
-        feats = self.encode_normalised(x_BD)
-        acts_BF = feats.acts_BF
-        recon_BD = acts_BF @ self.W_dec + self.b_dec
+        acts_BF, acts_sum_F, recon_BD, fired_F, l0_B = _ReLUBody.apply(
+            x_BD, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.apply_b_dec_to_input
+        )
         mse = mse_per_token(recon_BD, x_BD)
-        l1 = (acts_BF * self.W_dec.norm(dim=-1)).sum(-1).mean()
+        # E_b Σ_i f_bi ‖d_i‖ summed feature-wise first: no [B, F] product for the penalty.
+        l1 = (acts_sum_F * self.W_dec.norm(dim=-1)).sum() / x_BD.shape[0]
         loss = mse + self.cfg.l1_coefficient * penalty_scale * l1
         return TrainStepOutput(
             loss=loss,
             losses={"mse": mse.detach(), "l1": l1.detach()},
             recon_BD=recon_BD,
-            feats=feats,
+            feats=CountedFeatureActs(acts_BF, fired_F, l0_B),
         )

@@ -5,8 +5,7 @@ and backward). With K ≪ F those products are mostly zeros, so here the decoder
 ``embedding_bag`` over the chosen rows, the gradient of the values it weights is a sampled product
 (K dot products per token), and both weight gradients are ``embedding_bag`` sums in
 feature-major order (each feature's row adds up the tokens that chose it). Only the forward
-encoder GEMM, needed to rank all features, stays dense; :func:`dense_mm` runs it and
-:func:`topk_rows` ranks its rows.
+encoder GEMM, needed to rank all features, stays dense; :func:`dense_mm` runs it.
 
 Shape legend: B batch, D d_in, F d_sae, K active features per token, N = B·K chosen pairs.
 """
@@ -14,9 +13,7 @@ Shape legend: B batch, D d_in, F d_sae, K active features per token, N = B·K ch
 from __future__ import annotations
 
 import logging
-import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -57,14 +54,19 @@ def _csr_rows(
 
 
 def dense_mm(
-    a_MK: Float[Tensor, "M K"], b_KN: Float[Tensor, "K N"], bias_N: Tensor | None = None
+    a_MK: Float[Tensor, "M K"],
+    b_KN: Float[Tensor, "K N"],
+    bias_N: Float[Tensor, " N"] | None = None,
+    *,
+    add_MN: Float[Tensor, "M N"] | None = None,
 ) -> Float[Tensor, "M N"]:
-    """``a @ b (+ bias)``, the same product as ``torch.addmm``, from the fastest CPU library.
+    """``a @ b (+ bias) (+ add)`` as a new tensor, from the fastest CPU library at hand.
 
     PyTorch sends float32 CPU products to MKL, which on non-Intel CPUs runs without its AVX-512
     kernels; oneDNN (also inside PyTorch) picks kernels by instruction set and measured 1.5–2×
-    faster for the SAE shapes on an AVX-512 AMD EPYC. Any operand may be a transposed view.
-    Not differentiable: call it under ``no_grad`` or inside an autograd function.
+    faster for the SAE shapes on an AVX-512 AMD EPYC. ``bias`` and ``add`` are fused into the
+    product there (``add`` accumulates a sum of products without an extra pass). Any operand may
+    be a transposed view. Not differentiable: call it under ``no_grad`` or in a backward.
     """
     global _onednn_failed
     if (
@@ -72,56 +74,21 @@ def dense_mm(
         and not _onednn_failed
         and a_MK.device.type == "cpu"
         and a_MK.dtype in (torch.float32, torch.bfloat16)
-        and a_MK.dtype == b_KN.dtype
-        and (bias_N is None or bias_N.dtype == a_MK.dtype)
+        and all(t is None or t.dtype == a_MK.dtype for t in (b_KN, bias_N, add_MN))
         and a_MK.shape[0] * a_MK.shape[1] * b_KN.shape[1] >= _ONEDNN_MIN_MACS
     ):
         try:
-            # Computes X Wᵀ + b for a weight W laid out [N, K], as nn.Linear stores it.
-            return torch.ops.mkldnn._linear_pointwise(a_MK, b_KN.t(), bias_N, "none", [], "")
+            # Both compute X Wᵀ + b for a weight W laid out [N, K], as nn.Linear stores it.
+            if add_MN is None:
+                return torch.ops.mkldnn._linear_pointwise(a_MK, b_KN.t(), bias_N, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise.binary(a_MK, add_MN, b_KN.t(), bias_N, "add")
         except (RuntimeError, AttributeError, NotImplementedError) as exc:
             _onednn_failed = True
             log.debug("oneDNN matmul unavailable (%s); using torch.mm", exc)
-    if bias_N is None:
-        return a_MK @ b_KN
-    return torch.addmm(bias_N, a_MK, b_KN)
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_key: tuple[int, int] | None = None
-
-_MIN_ROWS_PER_THREAD = 64
-
-
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    """One pool per process (a pool inherited through ``fork`` has no live threads)."""
-    global _pool, _pool_key
-    key = (os.getpid(), workers)
-    if _pool is None or _pool_key != key:
-        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="saelab-topk")
-        _pool_key = key
-    return _pool
-
-
-def topk_rows(
-    scores_BF: Float[Tensor, "B F"], k: int
-) -> tuple[Float[Tensor, "B K"], Int[Tensor, "B K"]]:
-    """``scores.topk(k, dim=-1, sorted=False)``, with the rows split across torch's threads.
-
-    On CPU ``torch.topk`` runs on one thread unless there are tens of thousands of rows, so for a
-    training batch it would leave all but one core idle. Each slice of rows goes to a pool thread
-    (torch releases the GIL inside the op); the result is the same as one call.
-    """
-    threads = torch.get_num_threads()
-    rows = scores_BF.shape[0]
-    parts = min(threads, rows // _MIN_ROWS_PER_THREAD)
-    if scores_BF.device.type != "cpu" or scores_BF.dim() != 2 or parts < 2:
-        return scores_BF.topk(k, dim=-1, sorted=False)
-    chunks = scores_BF.chunk(parts)
-    pool = _thread_pool(parts - 1)
-    futures = [pool.submit(torch.topk, c, k, -1, True, False) for c in chunks[1:]]
-    results = [torch.topk(chunks[0], k, -1, True, False)] + [f.result() for f in futures]
-    return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+    if add_MN is None:
+        return a_MK @ b_KN if bias_N is None else torch.addmm(bias_N, a_MK, b_KN)
+    out_MN = torch.addmm(add_MN, a_MK, b_KN)
+    return out_MN if bias_N is None else out_MN.add_(bias_N)
 
 
 # ----- feature-major order -----------------------------------------------------------------------

@@ -10,9 +10,9 @@ Only the encoder GEMM is dense: the decoder and every backward use the K chosen 
 (:mod:`saelab.saes.sparse_ops`).
 
 Opt-in, off by default: ``sae.bf16_encoder = True`` ranks features with a bfloat16 GEMM (about
-twice as fast on CPUs with AVX-512 BF16), keeps 2K candidates per token and recomputes their
+twice as fast on CPUs with AVX-512 BF16), keeps 1.5·K candidates per token and recomputes their
 pre-activations in float32 to pick the final K. The values are exact; the chosen set can differ
-from float32 ranking when the K-th and (2K+1)-th pre-activations are within bf16 rounding.
+from float32 ranking when a feature just inside the top K ranks below 1.5·K in bf16.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from saelab.saes.sparse_ops import (
     gather_preacts,
     sampled_dots,
     sparse_decode,
-    topk_rows,
 )
 
-_BLOCK_ELEMENTS = 1 << 22
-"""Pre-activations ranked per block of rows: 16 MB in float32, which stays in a large L3 cache."""
+_BLOCK_ELEMENTS = 1 << 21
+"""Pre-activations are ranked per block of about this many (8 MB in float32), while in cache."""
+_MIN_BLOCK_ROWS = 64
 
 
 @register
@@ -76,42 +76,38 @@ class TopKSAE(SparseAutoencoder):
         """
         with torch.no_grad():
             sae_in_BD = self.sae_input(x_BD)
-            W_enc_DF, b_enc_F = self.W_enc, self.b_enc
-            k_rank = k
-            if self.bf16_encoder and sae_in_BD.dtype == torch.float32:
+            exact = not (self.bf16_encoder and sae_in_BD.dtype == torch.float32)
+            in_BD, W_enc_DF, b_enc_F, k_rank = sae_in_BD, self.W_enc, self.b_enc, k
+            if not exact:
                 # Rank by a bf16 GEMM with spare candidates, then re-rank those in float32.
-                k_rank = min(2 * k, self.d_sae)
-                W_enc_DF, b_enc_F = W_enc_DF.bfloat16(), b_enc_F.bfloat16()
-            rows = max(1, _BLOCK_ELEMENTS // self.d_sae)
+                in_BD, W_enc_DF, b_enc_F = in_BD.bfloat16(), W_enc_DF.bfloat16(), b_enc_F.bfloat16()
+                k_rank = min(k + (k + 1) // 2, self.d_sae)
+            rows = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // self.d_sae)
             tops, idxs, aux_tops, aux_idxs = [], [], [], []
-            for start in range(0, sae_in_BD.shape[0], rows):
-                block_bD = sae_in_BD[start : start + rows]
-                pre_bF = dense_mm(block_bD.to(W_enc_DF.dtype), W_enc_DF, b_enc_F)
-                top_bK, idx_bK = topk_rows(pre_bF, k_rank)
-                if k_rank != k:
-                    top_bK, idx_bK = self._rerank_exact(block_bD, idx_bK, k)
+            for start in range(0, in_BD.shape[0], rows):
+                pre_bF = dense_mm(in_BD[start : start + rows], W_enc_DF, b_enc_F)
+                top_bK, idx_bK = pre_bF.topk(k_rank, dim=-1, sorted=False)
                 tops.append(top_bK)
                 idxs.append(idx_bK)
                 if dead_idx is not None:
                     # Only dead columns compete; dead_idx maps their ranks back to features.
-                    aux_top_bA, aux_pos_bA = topk_rows(pre_bF.index_select(1, dead_idx), k_aux)
-                    aux_tops.append(aux_top_bA.to(sae_in_BD.dtype))
+                    aux_top_bA, aux_pos_bA = pre_bF.index_select(1, dead_idx).topk(
+                        k_aux, dim=-1, sorted=False
+                    )
+                    aux_tops.append(aux_top_bA)
                     aux_idxs.append(dead_idx[aux_pos_bA])
-            if dead_idx is None:
-                return torch.cat(tops), torch.cat(idxs), None, None
-            aux_idx_BA = torch.cat(aux_idxs)
-            if k_rank != k:
-                aux_top_BA = sampled_dots(aux_idx_BA, sae_in_BD, self.W_enc.t())
-                aux_top_BA += self.b_enc[aux_idx_BA]
-            else:
-                aux_top_BA = torch.cat(aux_tops)
-            return torch.cat(tops), torch.cat(idxs), aux_top_BA, aux_idx_BA
-
-    def _rerank_exact(self, sae_in_bD: Tensor, cand_bC: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """float32 pre-activations of the candidate features, and the top ``k`` of them."""
-        pre_bC = sampled_dots(cand_bC, sae_in_bD, self.W_enc.t()) + self.b_enc[cand_bC]
-        top_bK, pos_bK = pre_bC.topk(k, dim=-1, sorted=False)
-        return top_bK, cand_bC.gather(-1, pos_bK)
+            top_BK, idx_BK = torch.cat(tops), torch.cat(idxs)
+            aux_top_BA = torch.cat(aux_tops) if aux_tops else None
+            aux_idx_BA = torch.cat(aux_idxs) if aux_idxs else None
+            if not exact:
+                W_enc_FD = self.W_enc.t().contiguous()
+                pre_BC = sampled_dots(idx_BK, sae_in_BD, W_enc_FD) + self.b_enc[idx_BK]
+                top_BK, pos_BK = pre_BC.topk(k, dim=-1, sorted=False)
+                idx_BK = idx_BK.gather(-1, pos_BK)
+                if aux_idx_BA is not None:
+                    aux_top_BA = sampled_dots(aux_idx_BA, sae_in_BD, W_enc_FD)
+                    aux_top_BA += self.b_enc[aux_idx_BA]
+            return top_BK, idx_BK, aux_top_BA, aux_idx_BA
 
     def _feats(self, x_BD: Tensor, idx_BK: Tensor, top_BK: Tensor) -> SparseFeatureActs:
         b_dec_D = self.b_dec if self.apply_b_dec_to_input else None
@@ -161,20 +157,29 @@ class TopKSAE(SparseAutoencoder):
 
         The same projection as :meth:`_remove_parallel_decoder_grad_`, written as
         ``g −= (g·w / ‖w‖²) w``: two reductions and one in-place update over ``[F, D]``, no
-        ``[F, D]`` temporaries.
+        ``[F, D]`` temporaries (a fresh 20 MB buffer costs more in page faults than the maths).
         """
         grad_FD = self.W_dec.grad
         if grad_FD is None:
             return
         W_FD = self.W_dec.detach()
         sq_norm_F = torch.linalg.vector_norm(W_FD, dim=-1).clamp_min(1e-12).square()
-        dot_F = torch.linalg.vecdot(grad_FD, W_FD)
+        dot_F = _row_dots(grad_FD, W_FD)
         grad_FD.addcmul_(W_FD, (dot_F / sq_norm_F).unsqueeze(-1), value=-1)
 
     @torch.no_grad()
     def after_optimizer_step_(self) -> None:
         W_FD = self.W_dec.detach()
         W_FD.div_(torch.linalg.vector_norm(W_FD, dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+def _row_dots(a_FD: Tensor, b_FD: Tensor, rows: int = 1024) -> Tensor:
+    """``(a * b).sum(-1)`` a block of rows at a time, so the product is never a full temporary."""
+    out_F = a_FD.new_empty(a_FD.shape[0])
+    for start in range(0, a_FD.shape[0], rows):
+        block = slice(start, start + rows)
+        torch.linalg.vecdot(a_FD[block], b_FD[block], out=out_F[block])
+    return out_F
 
 
 def geometric_median(

@@ -14,7 +14,9 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -71,6 +73,29 @@ def _adam(
         return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
+_MALLOC_TUNED = False
+
+
+def _reuse_freed_memory() -> None:
+    """Ask glibc to keep freed blocks of up to 32 MB for reuse instead of unmapping them.
+
+    A step allocates and frees the same 20 MB gradients and work buffers every time. glibc's
+    default returns such blocks to the kernel, and the next step faults each 4 KiB page back in
+    (measured 5–10 % of a TopK step in a VM). A training process reuses that memory at once, so
+    holding it costs nothing; elsewhere (not Linux/glibc) this does nothing.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or sys.platform != "linux":
+        return
+    _MALLOC_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB free at the heap top
+    except (OSError, AttributeError):
+        log.debug("glibc mallopt unavailable; freed memory goes back to the kernel")
+
+
 class Trainer:
     def __init__(
         self,
@@ -93,6 +118,8 @@ class Trainer:
         self._next_checkpoint = cfg.checkpoint_every_tokens or None
 
     def _new_state(self, sae: SparseAutoencoder) -> SAEState:
+        if sae.W_enc.device.type == "cpu":
+            _reuse_freed_memory()
         lr = self.cfg.lr if self.cfg.lr is not None else type(sae).default_lr(sae.d_sae)
         optimizer = _adam(list(sae.parameters()), lr, (self.cfg.adam_beta1, self.cfg.adam_beta2))
         device = sae.W_enc.device
