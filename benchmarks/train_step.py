@@ -57,6 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="TopK: rank features with a bf16 GEMM (opt-in SAE attribute bf16_encoder)",
     )
     p.add_argument(
+        "--relu-l0",
+        type=float,
+        default=None,
+        help="ReLU: shift b_enc so about this many features fire per token, as in a trained SAE "
+        "(from init about half of them fire and every product is dense)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="print a torch.profiler table of two steps to stderr",
@@ -82,6 +89,11 @@ def build_trainer(args: argparse.Namespace, batches: list[torch.Tensor]) -> Trai
     train_cfg = TrainConfig(tokens=args.batch_size * 10_000, batch_size=args.batch_size)
     trainer = Trainer([sae], train_cfg, None, progress=False, tensorboard=False)
     trainer._init_from_first_batch({HOOK: batches[0]}, None)
+    if args.relu_l0 is not None and args.arch == "relu":
+        with torch.no_grad():
+            pre_BF = sae.sae_input(batches[0][:256]) @ sae.W_enc + sae.b_enc
+            quantile = 1 - args.relu_l0 / sae.d_sae
+            sae.b_enc.sub_(torch.quantile(pre_BF.flatten()[: 1 << 24], quantile))
     trainer.step = 1_000
     return trainer
 
@@ -183,6 +195,7 @@ def time_saelab(args: argparse.Namespace, batches: list[torch.Tensor]) -> dict[s
             k: int(statistics.median(v)) for k, v in faults_per_phase.items() if any(v)
         },
         "last_mse": state.last_losses.get("mse"),
+        "l0": state.window.compute()["l0"],
     }
 
 
@@ -319,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
         "bf16_encoder": args.bf16_encoder,
+        "l0": ours.pop("l0"),
         **ours,
         "torch": torch.__version__,
     }

@@ -99,13 +99,35 @@ def test_dump_roundtrips_every_field_set_away_from_its_default(tmp_path):
         aux_coefficient=0.25,
         dead_window_tokens=1234,
         decoder_init_norm=0.3,
+        decoder_unit_norm=True,
+        b_dec_init="mean",
+        apply_b_dec_to_input=True,
+        gated_penalty="april",
+        jumprelu_bandwidth=0.002,
+        jumprelu_init_threshold=0.003,
+        threshold_ema_lr=0.05,
+        matryoshka_widths=(50, 100),
         name="mine",
     )
+    # output_hook needs a transcoder architecture, which rules out some fields above.
+    transcoder = SAEConfig(architecture="transcoder", output_hook="blocks.0.hook_mlp_out")
     changed = {
         SAEConfig: sae,
         ModelConfig: ModelConfig(name="m", device="cuda:1", dtype="float16"),
-        DataConfig: DataConfig("d.txt", 16, 4, 3, 100, 200),
-        TrainConfig: TrainConfig(10, 5, 1e-3, 0.8, 0.95, 0.1, 0.3, 0.2, 0.5, 7, 3),
+        DataConfig: DataConfig(
+            "d.txt", 16, 4, 3, 100, 200, activations="acts", activation_epochs=2
+        ),
+        TrainConfig: dataclasses.replace(
+            TrainConfig(10, 5, 1e-3, 0.8, 0.95, 0.1, 0.3, 0.2, 0.5, 7, 3),
+            lr_decay="cosine",
+            autocast_bf16=True,
+            resample_every_steps=50,
+            resample_until_frac=0.75,
+            resample_dead_window_tokens=300,
+            resample_sample_tokens=1000,
+            resample_weighting="uniform",
+            resample_lr_warmup_steps=20,
+        ),
     }
     for cls, obj in changed.items():
         defaults = cls()
@@ -114,12 +136,14 @@ def test_dump_roundtrips_every_field_set_away_from_its_default(tmp_path):
             for f in dataclasses.fields(cls)
             if getattr(obj, f.name) == getattr(defaults, f.name)
         ]
+        if cls is SAEConfig and transcoder.output_hook != SAEConfig().output_hook:
+            same.remove("output_hook")  # set in the second [[sae]] table
         assert not same, f"{cls.__name__} fields left at default: {same}"
     cfg = RunConfig(
         model=changed[ModelConfig],
         data=changed[DataConfig],
         train=changed[TrainConfig],
-        saes=(sae,),
+        saes=(sae, transcoder),
         seed=11,
     )
     assert load_run_config(_write(tmp_path, dump_run_config(cfg))) == cfg

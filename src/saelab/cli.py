@@ -20,6 +20,11 @@ from saelab.saes.registry import ARCHITECTURES
 TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--model": ("model.name", str, "model: hub id, local dir, .gguf file or 'default'"),
     "--hook": ("sae.hook", str, "hook point, e.g. blocks.6.hook_resid_post"),
+    "--output-hook": (
+        "sae.output_hook",
+        str,
+        "transcoders: the hook they predict, e.g. blocks.6.hook_mlp_out (--hook is the input)",
+    ),
     "--arch": ("sae.architecture", str, "SAE architecture"),
     "--expansion": ("sae.expansion", int, "d_sae = expansion * d_in"),
     "--k": ("sae.k", int, "TopK: active features per token"),
@@ -32,7 +37,22 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--seed": ("seed", int, "seed for text order, shuffling and initialisation"),
     "--device": ("model.device", str, "cpu or cuda"),
     "--checkpoint-every": ("train.checkpoint_every_tokens", int, "checkpoint every N tokens"),
+    "--activations": (
+        "data.activations",
+        str,
+        "train from this activation cache (saelab cache) instead of running the model",
+    ),
 }
+
+SWEEP_FLAGS = (
+    "--activations",
+    "--tokens",
+    "--batch-size",
+    "--seed",
+    "--device",
+    "--checkpoint-every",
+)
+"""Flags of ``train`` that ``sweep`` shares; its SAEs come from the [[sae]] tables."""
 
 
 def _int(text: str) -> int:
@@ -95,6 +115,78 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--context", type=_int, help="tokens per sequence (default: training's)")
     ev.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
+    sweep = sub.add_parser(
+        "sweep", help="train every [[sae]] of a TOML file in one pass; compare them in a table"
+    )
+    sweep.add_argument("config", help="TOML run file with several [[sae]] tables")
+    for flag in SWEEP_FLAGS:
+        key, kind, help_text = TRAIN_FLAGS[flag]
+        extra = {"choices": ["cpu", "cuda"]} if flag == "--device" else {}
+        sweep.add_argument(
+            flag,
+            dest=key,
+            type=_int if kind is int else kind,
+            default=None,
+            help=help_text,
+            **extra,
+        )
+    sweep.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="as for train"
+    )
+    sweep.add_argument(
+        "--eval-tokens",
+        type=_int,
+        default=16_384,
+        help="held-out activations each SAE is measured on after training (default 16384)",
+    )
+    sweep.add_argument("--out", default="runs/sweep", help="run folder (default runs/sweep)")
+    sweep.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    from saelab.config import DataConfig, SAEConfig, TrainConfig
+
+    default_hook, data = SAEConfig().hook, DataConfig()
+    cache = sub.add_parser("cache", help="run a model once and store its activations on disk")
+    cache.add_argument("--out", required=True, help="cache folder (shards + index.json)")
+    cache.add_argument("--model", default="default", help=TRAIN_FLAGS["--model"][2])
+    cache.add_argument(
+        "--hook",
+        action="append",
+        dest="hooks",
+        metavar="HOOK",
+        default=[],
+        help=f"hook point to cache; repeat for several (default {default_hook})",
+    )
+    cache.add_argument("--tokens", type=_int, default=TrainConfig().tokens, help="tokens to cache")
+    cache.add_argument("--dataset", default=data.dataset, help=TRAIN_FLAGS["--dataset"][2])
+    cache.add_argument("--context", type=_int, default=data.context, help="tokens per sequence")
+    cache.add_argument(
+        "--model-batch-size", type=_int, default=data.model_batch_size, help="sequences per forward"
+    )
+    cache.add_argument("--seed", type=_int, default=0, help="seed for the text order")
+    cache.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    cache.add_argument("--shard-tokens", type=_int, default=65_536, help="rows per shard (65536)")
+    cache.add_argument(
+        "--dtype", default="float32", help="stored dtype: float32 (default), bfloat16 or float16"
+    )
+
+    from saelab.saes.formats import FORMATS
+
+    convert = sub.add_parser(
+        "convert", help="convert an SAE between saelens (saelab), sparsify, dictionary_learning"
+    )
+    convert.add_argument("src", help="folder of the SAE to read (its layout is detected)")
+    convert.add_argument("dst", help="new folder to write the converted SAE to")
+    convert.add_argument("--to", required=True, choices=list(FORMATS), help="layout to write")
+    convert.add_argument(
+        "--from",
+        dest="from_format",
+        default="auto",
+        choices=["auto", *FORMATS],
+        help="layout of SRC (default: detected from its files)",
+    )
+    convert.add_argument("--hook", help="hook name to record, when SRC's is missing or raw")
+    convert.add_argument("--output-hook", help="transcoders: the hook they predict")
+
     hooks = sub.add_parser("hooks", help="list a model's hook points with their widths")
     hooks.add_argument("model", nargs="?", default="default", help="model (default: 'default')")
     return parser
@@ -144,6 +236,62 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from saelab.config import load_run_config
+    from saelab.training.sweep import format_summary_table, sweep_run
+
+    cfg = load_run_config(args.config, _overrides(args))
+    summary = sweep_run(
+        cfg, args.out, eval_tokens=args.eval_tokens, resume=args.resume, progress=not args.quiet
+    )
+    print(format_summary_table(summary))
+    print(f"SAE folders and summary.json in {args.out}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from saelab.config import SAEConfig
+    from saelab.data.cache import cache_model_activations
+
+    index = cache_model_activations(
+        args.model,
+        args.hooks or [SAEConfig().hook],
+        args.out,
+        tokens=args.tokens,
+        device=args.device,
+        dtype=args.dtype,
+        shard_tokens=args.shard_tokens,
+        dataset=args.dataset,
+        context=args.context,
+        model_batch_size=args.model_batch_size,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(f"cached {index.count:,} tokens of {', '.join(index.hooks)} in {args.out}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from saelab.saes.formats import convert_sae
+
+    done = convert_sae(
+        args.src,
+        args.dst,
+        to=args.to,
+        from_=args.from_format,
+        hook=args.hook,
+        output_hook=args.output_hook,
+    )
+    sae = done.sae
+    print(
+        f"converted {args.src} ({done.source_format}) to {args.dst} ({done.target_format}): "
+        f"{sae.architecture}, d_in={sae.d_in}, d_sae={sae.d_sae}, hook {sae.cfg.hook or '(none)'}"
+    )
+    for note in done.notes:
+        print(f"  note: {note}")
+    return 0
+
+
 def _cmd_hooks(args: argparse.Namespace) -> int:
     from saelab.models.hookpoints import hook_dim, list_hooks
     from saelab.models.loading import load_model
@@ -166,7 +314,14 @@ def _quiet_dependencies() -> None:
     disable_progress_bars()
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "hooks": _cmd_hooks}
+COMMANDS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "hooks": _cmd_hooks,
+    "sweep": _cmd_sweep,
+    "cache": _cmd_cache,
+    "convert": _cmd_convert,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

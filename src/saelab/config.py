@@ -63,6 +63,11 @@ class DataConfig:
     """Activations held in the shuffle buffer; it is refilled when half of it has been served."""
     norm_estimate_tokens: int = 32_768
     """Activations used to estimate the scale that makes E||x|| = sqrt(d_in)."""
+    activations: str | None = None
+    """Folder of an activation cache (``saelab cache``) to train from instead of running the
+    model; the cache's model, text, context and scales are used and the model is never loaded."""
+    activation_epochs: int = 1
+    """Passes over the cached activations a run may make; above 1 every token is reused."""
 
     def __post_init__(self) -> None:
         _require(self.context >= 2, f"data.context must be at least 2 tokens, got {self.context}")
@@ -73,12 +78,31 @@ class DataConfig:
         )
         _require(self.buffer_size >= 1, "data.buffer_size must be at least 1")
         _require(self.norm_estimate_tokens >= 1, "data.norm_estimate_tokens must be positive")
+        _require(self.activation_epochs >= 1, "data.activation_epochs must be at least 1")
+
+
+B_DEC_INITS = ("zeros", "mean", "geometric_median")
+"""How ``b_dec`` may start (``sae.b_dec_init``): zero, or the mean / geometric median of the first
+training batch."""
+LR_DECAYS = ("linear", "cosine")
+"""Shapes of the final learning-rate decay (``train.lr_decay``)."""
+RESAMPLE_WEIGHTINGS = ("loss_squared", "loss", "uniform")
+"""How dead-feature resampling weights candidate inputs (``train.resample_weighting``): by the
+square of their reconstruction loss (Bricken et al.), by the loss, or uniformly."""
+
+
+TRANSCODER_SUFFIX = "transcoder"
+"""Architectures whose name ends in this map one hook to another and need ``sae.output_hook``."""
 
 
 @dataclass(frozen=True)
 class SAEConfig:
     hook: str = "blocks.6.hook_resid_post"
-    """Hook point whose activations the SAE reconstructs (see ``saelab hooks MODEL``)."""
+    """Hook point whose activations the SAE reconstructs (see ``saelab hooks MODEL``); a
+    transcoder's input."""
+    output_hook: str | None = None
+    """Transcoders only: the hook whose activations they predict from ``hook``'s, e.g.
+    ``blocks.6.hook_mlp_out`` from ``blocks.6.ln2.hook_normalized``; None for other SAEs."""
     architecture: str = "topk"
     """SAE architecture; one of the names in ``saelab.saes.ARCHITECTURES``."""
     expansion: int = 16
@@ -86,9 +110,10 @@ class SAEConfig:
     width: int | None = None
     """Explicit number of features d_sae; overrides ``expansion``."""
     k: int = 32
-    """TopK: active features per token."""
+    """TopK: active features per token; BatchTopK/Matryoshka: their mean (B·k kept per batch)."""
     l1_coefficient: float = 5.0
-    """ReLU: weight of the decoder-norm-weighted L1 penalty (April-2024 recipe)."""
+    """Sparsity weight λ. ReLU: of the decoder-norm-weighted L1 penalty (April-2024 recipe);
+    Gated: of the gate's L1 (see ``gated_penalty``); JumpReLU: of the L0 penalty."""
     k_aux: int | None = None
     """TopK AuxK: dead features used to model the residual; default d_in // 2."""
     aux_coefficient: float = 1 / 32
@@ -97,6 +122,35 @@ class SAEConfig:
     """A feature that has not fired in this many training tokens counts as dead."""
     decoder_init_norm: float = 0.1
     """ReLU: norm of each decoder row at initialisation (April-2024 recipe)."""
+    decoder_unit_norm: bool | None = None
+    """Keep decoder rows unit norm: the gradient parallel to each row is removed before every
+    update and rows are renormalised after it. Default: the architecture's choice (topk yes, relu
+    no). With it a ReLU SAE starts its rows at norm 1 (``decoder_init_norm`` is then unused) and
+    its norm-weighted L1 is the plain L1 of Towards Monosemanticity."""
+    b_dec_init: str | None = None
+    """``zeros``, ``mean`` or ``geometric_median`` of the first training batch. Default:
+    ``geometric_median`` when ``b_dec`` is subtracted before encoding (topk), else ``zeros``."""
+    apply_b_dec_to_input: bool | None = None
+    """Subtract ``b_dec`` before encoding (the pre-encoder bias of Towards Monosemanticity and
+    TopK). Default: the architecture's choice (topk yes, relu no)."""
+    gated_penalty: str = "paper"
+    """Gated: ``paper`` (L1 of ReLU(π_gate), unit-norm decoder rows, frozen decoder in the
+    auxiliary loss; Rajamanoharan et al. 2024) or ``april`` (L1 weighted by decoder-row norms, no
+    norm constraint, live decoder in the auxiliary loss, as SAELens). ``l1_coefficient`` is λ."""
+    jumprelu_bandwidth: float = 0.001
+    """JumpReLU: width ε of the rectangle kernel of the straight-through gradients, RELATIVE to
+    Gemma Scope's units (E||x||² = 1): the SAE uses ε·sqrt(d_in) in saelab's units (E||x|| =
+    sqrt(d_in)), so the default is Gemma Scope's 0.001. ``l1_coefficient`` is the L0 weight λ."""
+    jumprelu_init_threshold: float = 0.001
+    """JumpReLU: initial threshold θ of every feature, relative like ``jumprelu_bandwidth``
+    (used as θ·sqrt(d_in)); default Gemma Scope's 0.001."""
+    threshold_ema_lr: float = 0.01
+    """BatchTopK/Matryoshka: rate of the moving average θ ← (1 − r)θ + r·(smallest kept
+    activation of the batch) that gives the inference threshold (SAELens ``topk_threshold_lr``),
+    bias-corrected as in Adam so that short runs get no θ pulled towards 0."""
+    matryoshka_widths: tuple[int, ...] | None = None
+    """Matryoshka: increasing prefix sizes m_1 < … < m_K = d_sae whose reconstructions are
+    trained; default d_sae·(1/16, 1/8, 1/4, 1/2, 1), i.e. groups of 1/16, 1/16, 1/8, 1/4, 1/2."""
     name: str | None = None
     """Folder name of this SAE inside the run directory; default derived from its settings."""
 
@@ -107,6 +161,68 @@ class SAEConfig:
         _require(self.l1_coefficient >= 0, "sae.l1_coefficient must be >= 0")
         _require(self.aux_coefficient >= 0, "sae.aux_coefficient must be >= 0")
         _require(self.dead_window_tokens >= 1, "sae.dead_window_tokens must be positive")
+        _require(
+            self.k_aux is None or self.k_aux >= 1,
+            f"sae.k_aux must be >= 1 (or unset for d_in // 2), got {self.k_aux}",
+        )
+        _require(
+            self.b_dec_init is None or self.b_dec_init in B_DEC_INITS,
+            f"sae.b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}",
+        )
+        if self.is_transcoder:
+            _require(
+                bool(self.output_hook),
+                f"sae.architecture={self.architecture!r} needs sae.output_hook, the hook it "
+                "predicts (e.g. --output-hook blocks.6.hook_mlp_out)",
+            )
+            # b_dec lives in the output space: it cannot be subtracted from, or fitted to, x_in.
+            _require(
+                not self.apply_b_dec_to_input,
+                "transcoders have no pre-encoder bias; remove sae.apply_b_dec_to_input",
+            )
+            _require(
+                self.b_dec_init in (None, "zeros"),
+                f"transcoders start b_dec at zero; remove sae.b_dec_init = {self.b_dec_init!r}",
+            )
+        else:
+            _require(
+                self.output_hook is None,
+                f"sae.output_hook is only for transcoders, not {self.architecture!r}; drop it or "
+                "choose a transcoder architecture (e.g. --arch topk_transcoder)",
+            )
+        _require(
+            self.gated_penalty in ("paper", "april"),
+            f"sae.gated_penalty must be 'paper' or 'april', got {self.gated_penalty!r}",
+        )
+        _require(self.jumprelu_bandwidth > 0, "sae.jumprelu_bandwidth must be positive")
+        _require(self.jumprelu_init_threshold > 0, "sae.jumprelu_init_threshold must be positive")
+        _require(
+            0 < self.threshold_ema_lr <= 1,
+            f"sae.threshold_ema_lr must be in (0, 1], got {self.threshold_ema_lr}",
+        )
+        if self.matryoshka_widths is not None:
+            widths = self.matryoshka_widths
+            ok = isinstance(widths, (list, tuple)) and len(widths) >= 1
+            ok = ok and all(isinstance(w, int) and not isinstance(w, bool) for w in widths)
+            ok = ok and widths[0] >= 1
+            ok = ok and all(a < b for a, b in zip(widths, widths[1:], strict=False))
+            _require(
+                ok,
+                "sae.matryoshka_widths must be strictly increasing positive integers, e.g. "
+                f"[576, 1152, 2304, 4608, 9216], got {widths!r}",
+            )
+            _require(
+                self.width is None or widths[-1] == self.width,
+                f"sae.matryoshka_widths must end at sae.width={self.width}, got {widths[-1]}",
+            )
+            # TOML gives a list; a tuple keeps the frozen config hashable and comparable.
+            object.__setattr__(self, "matryoshka_widths", tuple(widths))
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether the architecture predicts ``output_hook`` from ``hook``: by convention (checked
+        against the registry in the tests) exactly the names that end in ``transcoder``."""
+        return self.architecture.endswith(TRANSCODER_SUFFIX)
 
     def d_sae(self, d_in: int) -> int:
         """Number of features for activations of width ``d_in``."""
@@ -115,11 +231,34 @@ class SAEConfig:
     def k_aux_for(self, d_in: int) -> int:
         return self.k_aux if self.k_aux is not None else d_in // 2
 
+    def jumprelu_bandwidth_for(self, d_in: int) -> float:
+        """ε in saelab's training units: activations are ≈ sqrt(d_in) × Gemma Scope's."""
+        return self.jumprelu_bandwidth * math.sqrt(d_in)
+
+    def jumprelu_init_threshold_for(self, d_in: int) -> float:
+        """Initial θ in saelab's training units (see :meth:`jumprelu_bandwidth_for`)."""
+        return self.jumprelu_init_threshold * math.sqrt(d_in)
+
+    def matryoshka_widths_for(self, d_sae: int) -> tuple[int, ...]:
+        """Prefix sizes for ``d_sae`` features: the configured ones, or the default fractions."""
+        if self.matryoshka_widths is not None:
+            return self.matryoshka_widths
+        ends = (max(1, d_sae * n // 16) for n in (1, 2, 4, 8))
+        return tuple(dict.fromkeys((*ends, d_sae)))
+
     @property
     def folder_name(self) -> str:
         if self.name:
             return self.name
         setting = f"k{self.k}" if self.architecture == "topk" else f"l1_{self.l1_coefficient:g}"
+        if self.architecture in ("batchtopk", "matryoshka"):
+            setting = f"k{self.k}"
+        elif self.architecture == "jumprelu":
+            setting = f"l0_{self.l1_coefficient:g}"
+        elif self.architecture.startswith("topk_"):  # TopK transcoders
+            setting = f"k{self.k}"
+        elif self.architecture == "gated" and self.gated_penalty != "paper":
+            setting = f"l1_{self.l1_coefficient:g}-{self.gated_penalty}"
         width = f"w{self.width}" if self.width else f"x{self.expansion}"
         return f"{self.hook}-{self.architecture}-{width}-{setting}"
 
@@ -137,7 +276,7 @@ class TrainConfig:
     lr_warmup_frac: float = 0.01
     """Fraction of steps over which the learning rate rises linearly from 0."""
     lr_decay_frac: float = 0.2
-    """Fraction of final steps over which the learning rate decays linearly to 0."""
+    """Fraction of final steps over which the learning rate decays to 0 (shape: ``lr_decay``)."""
     l1_warmup_frac: float = 0.05
     """Fraction of steps over which the sparsity penalty rises linearly from 0."""
     grad_clip: float = 1.0
@@ -146,6 +285,29 @@ class TrainConfig:
     """Write a resumable checkpoint every this many tokens; 0 means only at the end."""
     log_every_steps: int = 10
     """Steps between JSONL/TensorBoard log lines."""
+    lr_decay: str = "linear"
+    """Shape of the final decay over ``lr_decay_frac``: ``linear`` (April-2024 recipe) or
+    ``cosine`` (half a cosine from 1 to 0)."""
+    autocast_bf16: bool = False
+    """Run each SAE training step under bfloat16 autocast (CUDA only; weights and optimiser stay
+    float32)."""
+    resample_every_steps: int = 0
+    """Dead-feature resampling (Bricken et al. 2023) after every this many steps; 0 turns it off.
+    Anthropic resampled at steps 25k, 50k, 75k and 100k, i.e. 25000 here."""
+    resample_until_frac: float = 0.5
+    """Resampling only happens up to this fraction of the training steps."""
+    resample_dead_window_tokens: int | None = None
+    """A feature that has not fired in this many tokens is resampled; default half the resampling
+    interval (the paper: not fired in the last 12,500 of 25,000 steps)."""
+    resample_sample_tokens: int = 819_200
+    """Inputs whose reconstruction loss weights the choice of new directions: those of the training
+    batches just before each resample (at most one resampling interval of them)."""
+    resample_weighting: str = "loss_squared"
+    """Chance of an input being chosen: ∝ ``loss_squared`` (the paper's literal reading), ∝
+    ``loss`` (‖x − x̂‖², as dictionary_learning's norm²) or ``uniform``."""
+    resample_lr_warmup_steps: int = 1000
+    """After a resample the learning rate restarts at 0.1× and returns to 1× along a cosine over
+    this many steps (Gated-SAE paper App. D.1.1); 0 disables."""
 
     def __post_init__(self) -> None:
         _require(self.tokens >= 1, f"train.tokens must be positive, got {self.tokens}")
@@ -157,10 +319,43 @@ class TrainConfig:
         _require(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
         _require(self.checkpoint_every_tokens >= 0, "train.checkpoint_every_tokens must be >= 0")
         _require(self.log_every_steps >= 1, "train.log_every_steps must be >= 1")
+        _require(
+            self.lr_decay in LR_DECAYS,
+            f"train.lr_decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}",
+        )
+        _require(
+            self.resample_every_steps >= 0,
+            "train.resample_every_steps must be >= 0 (0 turns resampling off)",
+        )
+        _require(
+            0 < self.resample_until_frac <= 1,
+            f"train.resample_until_frac must be in (0, 1], got {self.resample_until_frac}",
+        )
+        _require(
+            self.resample_dead_window_tokens is None or self.resample_dead_window_tokens >= 1,
+            "train.resample_dead_window_tokens must be positive (or unset for half the interval)",
+        )
+        _require(self.resample_sample_tokens >= 1, "train.resample_sample_tokens must be positive")
+        _require(
+            self.resample_weighting in RESAMPLE_WEIGHTINGS,
+            f"train.resample_weighting must be one of {', '.join(RESAMPLE_WEIGHTINGS)}, "
+            f"got {self.resample_weighting!r}",
+        )
+        _require(
+            self.resample_lr_warmup_steps >= 0,
+            "train.resample_lr_warmup_steps must be >= 0 (0 disables the warm-up)",
+        )
 
     @property
     def steps(self) -> int:
         return max(1, math.ceil(self.tokens / self.batch_size))
+
+    @property
+    def resample_window_tokens(self) -> int:
+        """Tokens without firing after which resampling counts a feature dead."""
+        if self.resample_dead_window_tokens is not None:
+            return self.resample_dead_window_tokens
+        return max(1, self.resample_every_steps * self.batch_size // 2)
 
 
 @dataclass(frozen=True)
@@ -182,11 +377,17 @@ class RunConfig:
             f"two SAEs would share the folder {shared[0] if shared else ''}; "
             "give them distinct `name` fields",
         )
+        _require(
+            not self.train.autocast_bf16 or self.model.device.startswith("cuda"),
+            "train.autocast_bf16 needs model.device = 'cuda'; turn it off to train on the CPU",
+        )
 
     @property
     def hooks(self) -> list[str]:
-        """Hook points needed by the SAEs, deduplicated, in first-seen order."""
-        return list(dict.fromkeys(s.hook for s in self.saes))
+        """Hook points needed by the SAEs (transcoders' output hooks too), deduplicated, in
+        first-seen order."""
+        needed = (h for s in self.saes for h in (s.hook, s.output_hook) if h is not None)
+        return list(dict.fromkeys(needed))
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sae": SAEConfig}
@@ -213,6 +414,13 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     # Before the numeric parse: `--set train.lr=none` means "back to the default (None)".
     if "None" in kind and value.lower() == "none":
         return None
+    if kind.startswith("tuple[int"):  # `--set sae.matryoshka_widths=64,128,512`
+        try:
+            return tuple(int(v) for v in value.replace(" ", "").strip("[]()").split(","))
+        except ValueError as exc:
+            raise SaelabError(
+                f"{where}.{f.name} must be comma-separated integers, got {value!r}"
+            ) from exc
     try:
         if kind.startswith("int"):
             if "e" not in value.lower():

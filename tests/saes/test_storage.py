@@ -238,10 +238,10 @@ def test_unsupported_saelens_architecture_lists_supported(tmp_path):
     directory = _saved(tmp_path)
     cfg = json.loads((directory / CFG_FILENAME).read_text())
     del cfg["saelab"]
-    cfg["architecture"] = "gated"
+    cfg["architecture"] = "matching_pursuit"  # a SAELens architecture saelab lacks
     (directory / CFG_FILENAME).write_text(json.dumps(cfg))
     message = _load_error(directory)
-    assert "gated" in message
+    assert "matching_pursuit" in message
     assert all(cls.saelens_architecture in message for cls in ARCHITECTURES.values())
 
 

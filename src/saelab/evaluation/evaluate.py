@@ -26,6 +26,7 @@ from saelab.models.loading import load_model
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.metrics import ReconstructionStats
 from saelab.saes.storage import load_sae
+from saelab.saes.transcoder import Transcoder
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def evaluate_sae(
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics of ``sae`` at its hook over about ``tokens`` tokens of ``dataset``.
 
+    A transcoder's prediction is spliced in, zero-ablated and scored at its output hook.
     Returns (metrics with exactly :data:`METRIC_KEYS`, extra information).
     """
     hook = sae.cfg.hook
@@ -72,9 +74,15 @@ def evaluate_sae(
             f"SAE expects d_in={sae.d_in} but {hook} of this model has width {width}; "
             "evaluate it on the model it was trained on (--model)"
         )
+    output_hook = sae.cfg.output_hook
+    if output_hook is not None and (out_width := hook_dim(model, output_hook)) != sae.d_out:
+        raise SaelabError(
+            f"transcoder predicts d_out={sae.d_out} but {output_hook} of this model has width "
+            f"{out_width}; evaluate it on the model it was trained on (--model)"
+        )
     device = next(model.parameters()).device
     sae = sae.to(device).eval()
-    stats = ReconstructionStats(sae.d_in, sae.d_sae)
+    stats = ReconstructionStats(sae.d_out, sae.d_sae)
     sums = SpliceSums()
     specials = special_token_ids(tokenizer)
     n_batches = max(1, math.ceil(tokens / (batch_size * context)))
@@ -97,7 +105,10 @@ def evaluate_sae(
             recon_NPD[keep_NP] = recon_TD.to(x_NPD.dtype)
             return recon_NPD
 
-        splice_batch(model, hook, tokens_NP, keep_NP, reconstruct, sums)
+        if isinstance(sae, Transcoder):
+            _splice_transcoder(sae, model, tokens_NP, keep_NP, stats, sums)
+        else:
+            splice_batch(model, hook, tokens_NP, keep_NP, reconstruct, sums)
         bar.update(1)
         bar.set_postfix(ce_rec=f"{sums.compute()['ce_loss_recovered']:.3f}", refresh=False)
     bar.close()
@@ -108,6 +119,7 @@ def evaluate_sae(
     metrics = {key: float(recon[key] if key in recon else spliced[key]) for key in METRIC_KEYS}
     info = {
         "hook": hook,
+        "output_hook": output_hook,
         "tokens": stats.n_tokens,
         "context": context,
         "dataset": dataset,
@@ -117,6 +129,35 @@ def evaluate_sae(
         "dead_window_tokens": stats.n_tokens,
     }
     return metrics, info
+
+
+def _splice_transcoder(
+    sae: Transcoder,
+    model,
+    tokens_NP: torch.Tensor,
+    keep_NP: torch.Tensor,
+    stats: ReconstructionStats,
+    sums: SpliceSums,
+) -> None:
+    """Splice ``ŷ(x_in)`` in place of the output hook; score it against the true activations
+    there (model units)."""
+    made = []
+
+    def predict(x_in_NPD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_in_NPD[keep_NP].float() * sae.activation_scale
+        feats = sae.encode_normalised(x_TD)
+        recon_TO = sae.predict_normalised(x_TD, feats) / sae.output_scale
+        made.append((feats, recon_TO))
+        # Only kept positions are replaced; the rest keep the model's own activations.
+        recon_NPO = x_in_NPD.new_zeros(*keep_NP.shape, sae.d_out)
+        recon_NPO[keep_NP] = recon_TO.to(x_in_NPD.dtype)
+        return recon_NPO
+
+    y_NPO = splice_batch(
+        model, sae.cfg.output_hook, tokens_NP, keep_NP, predict, sums, input_hook=sae.cfg.hook
+    )
+    feats, recon_TO = made[0]
+    stats.update(y_NPO[keep_NP].float(), recon_TO, feats.l0_per_token(), feats.fired_counts())
 
 
 def evaluate_sae_dir(

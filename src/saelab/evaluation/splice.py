@@ -85,15 +85,21 @@ def splice_batch(
     keep_NP: Bool[Tensor, "N P"],
     reconstruct,
     sums: SpliceSums,
+    *,
+    input_hook: str | None = None,
 ) -> Float[Tensor, "N P D"]:
     """Run the three passes on one batch, add to ``sums``; returns the clean activations.
 
     ``reconstruct`` maps raw activations ``[N, P, D]`` to their reconstruction in model units.
+    With ``input_hook`` (a transcoder) it gets the activations at ``input_hook`` instead and
+    returns a prediction of those at ``hook``, which is what is replaced and zero-ablated. The
+    clean pass captures both: the spliced pass changes nothing before ``hook``, so an input hook
+    that fires earlier sees exactly the clean activations there too.
     """
-    with capture(model, [hook], stop=False) as acts:
+    with capture(model, [hook] if input_hook is None else [hook, input_hook], stop=False) as acts:
         clean_NPV = model(tokens_NP, use_cache=False).logits
     x_NPD = acts[hook]
-    recon_NPD = reconstruct(x_NPD)
+    recon_NPD = reconstruct(x_NPD if input_hook is None else acts[input_hook])
     with patch(model, {hook: _replace_at(keep_NP, recon_NPD)}):
         spliced_NPV = model(tokens_NP, use_cache=False).logits
     with patch(model, {hook: _replace_at(keep_NP, torch.zeros_like(x_NPD))}):

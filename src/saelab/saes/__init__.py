@@ -8,18 +8,43 @@ from saelab.saes.base import (
     SparseFeatureActs,
     TrainStepOutput,
 )
+from saelab.saes.batchtopk import BatchTopKSAE
+from saelab.saes.formats import FORMATS, convert_sae, read_sae, write_sae
+from saelab.saes.gated import GatedSAE
+from saelab.saes.jumprelu import JumpReLUSAE
+from saelab.saes.matryoshka import MatryoshkaSAE
 from saelab.saes.registry import ARCHITECTURES, architecture_class
 from saelab.saes.relu import ReLUSAE
 from saelab.saes.topk import TopKSAE
+from saelab.saes.transcoder import (
+    ReLUTranscoder,
+    SkipTranscoder,
+    TopKSkipTranscoder,
+    TopKTranscoder,
+    Transcoder,
+)
 
 __all__ = [
     "ARCHITECTURES",
+    "BatchTopKSAE",
     "DenseFeatureActs",
+    "FORMATS",
     "FeatureActs",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "MatryoshkaSAE",
     "ReLUSAE",
+    "ReLUTranscoder",
+    "SkipTranscoder",
     "SparseAutoencoder",
     "SparseFeatureActs",
     "TopKSAE",
+    "TopKSkipTranscoder",
+    "TopKTranscoder",
     "TrainStepOutput",
+    "Transcoder",
     "architecture_class",
+    "convert_sae",
+    "read_sae",
+    "write_sae",
 ]

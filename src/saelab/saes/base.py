@@ -1,7 +1,8 @@
 """The shared SAE module: parameters, public encode/decode in model units, the training step.
 
 Shape legend used across ``saelab`` (suffixes on tensor names):
-B batch (tokens), P pos, D d_in, F d_sae (features), K top-k, L layers.
+B batch (tokens), P pos, D d_in, F d_sae (features), K top-k, L layers,
+O d_out (a transcoder's output width).
 
 An architecture subclass implements three things: how it encodes normalised activations
 (:meth:`SparseAutoencoder.encode_normalised`), its loss terms, and optionally its init and
@@ -107,6 +108,18 @@ class SparseAutoencoder(nn.Module, ABC):
     saelens_architecture: ClassVar[str]
     """The ``architecture`` value SAELens uses in ``cfg.json``."""
     default_apply_b_dec_to_input: ClassVar[bool]
+    default_decoder_unit_norm: ClassVar[bool] = False
+    """Whether decoder rows stay unit norm when ``cfg.decoder_unit_norm`` is unset."""
+    decoder_unit_norm_configurable: ClassVar[bool] = False
+    """Whether ``cfg.decoder_unit_norm`` may differ from the default: true for architectures that
+    leave the constraint to the base class's optimizer-step hooks."""
+    supports_autocast_bf16: ClassVar[bool] = False
+    """Whether :meth:`training_step` may run under ``torch.autocast(bfloat16)``
+    (``train.autocast_bf16``): hand-written autograd kernels must accept the mixed dtypes
+    autocast produces (e.g. via ``torch.amp.custom_fwd``) before an architecture sets this."""
+    default_b_dec_init: ClassVar[str] = "zeros"
+    """How a pre-encoder bias starts when ``cfg.b_dec_init`` is unset (one of
+    ``saelab.config.B_DEC_INITS``); a ``b_dec`` that is not subtracted starts at zero."""
 
     def __init__(
         self,
@@ -115,24 +128,32 @@ class SparseAutoencoder(nn.Module, ABC):
         *,
         apply_b_dec_to_input: bool | None = None,
         seed: int | None = None,
+        d_out: int | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.d_in = d_in
+        self.d_out = d_in if d_out is None else d_out
+        """Width of what the SAE reconstructs: ``d_in``, except for transcoders."""
         self.d_sae = cfg.d_sae(d_in)
+        if apply_b_dec_to_input is None:
+            apply_b_dec_to_input = cfg.apply_b_dec_to_input
         self.apply_b_dec_to_input = (
             self.default_apply_b_dec_to_input
             if apply_b_dec_to_input is None
             else apply_b_dec_to_input
         )
+        self.decoder_unit_norm = self._resolve_decoder_unit_norm(cfg)
+        """Keep decoder rows unit norm (the base optimizer-step hooks apply it)."""
         self.W_enc = nn.Parameter(torch.empty(d_in, self.d_sae))
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
-        self.W_dec = nn.Parameter(torch.empty(self.d_sae, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_out))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
         # Multiplies raw activations into training units; not a weight (folded on save).
         self.register_buffer("activation_scale", torch.tensor(1.0), persistent=False)
         self.metadata: dict[str, object] = {}
         """Where the SAE came from (model name, hook, dataset), as saved in ``cfg.json``."""
+        self.add_parameters_()
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
             self.init_weights_(generator)
@@ -152,11 +173,33 @@ class SparseAutoencoder(nn.Module, ABC):
         self,
         x_BD: Float[Tensor, "B D"],
         *,
+        target_BD: Float[Tensor, "B O"] | None = None,
         penalty_scale: float = 1.0,
         dead_F: Tensor | None = None,
     ) -> TrainStepOutput:
         """Loss on a normalised batch. ``penalty_scale`` warms sparsity penalties up;
-        ``dead_F`` marks features counted dead by the trainer (used by auxiliary losses)."""
+        ``dead_F`` marks features counted dead by the trainer (used by auxiliary losses).
+        ``target_BD`` (normalised, width ``d_out``) is what a transcoder predicts; the trainer
+        passes it only to SAEs with ``cfg.output_hook``, so an autoencoder may omit it."""
+
+    def add_parameters_(self) -> None:
+        """Create an architecture's parameters beyond the shared four (before initialisation);
+        default: none. An architecture without ``b_enc`` sets it to ``None`` here."""
+
+    @classmethod
+    def saved_tensor_shapes(
+        cls, d_in: int, d_sae: int, d_out: int | None = None
+    ) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the tensors in ``sae_weights.safetensors`` (the SAELens layout);
+        loading checks every one. Architectures with more tensors extend this via ``super()``.
+        ``d_out`` (transcoders) defaults to ``d_in``."""
+        d_out = d_in if d_out is None else d_out
+        return {
+            "W_enc": (d_in, d_sae),
+            "b_enc": (d_sae,),
+            "W_dec": (d_sae, d_out),
+            "b_dec": (d_out,),
+        }
 
     @classmethod
     def default_lr(cls, d_sae: int) -> float:
@@ -164,13 +207,54 @@ class SparseAutoencoder(nn.Module, ABC):
         return 2e-4 / math.sqrt(d_sae / 2**14)
 
     def before_optimizer_step_(self) -> None:
-        """Hook for gradient constraints (e.g. keep decoder rows unit norm)."""
+        """Hook for gradient constraints; default: with :attr:`decoder_unit_norm`, remove the
+        gradient component parallel to each decoder row."""
+        if self.decoder_unit_norm:
+            self._remove_parallel_decoder_grad_()
 
     def after_optimizer_step_(self) -> None:
-        """Hook for parameter constraints applied after each update."""
+        """Hook for parameter constraints after each update; default: with
+        :attr:`decoder_unit_norm`, renormalise decoder rows."""
+        if self.decoder_unit_norm:
+            self._normalise_decoder_rows_()
 
     def init_from_data_(self, x_BD: Float[Tensor, "B D"]) -> None:
-        """Data-dependent initialisation from a first normalised batch; default: nothing."""
+        """Data-dependent initialisation from a first normalised batch: ``b_dec`` as
+        :attr:`b_dec_init` says. Architectures that extend it call ``super()``."""
+        how = self.b_dec_init
+        if how == "zeros":
+            return
+        if self.d_out != self.d_in:
+            from saelab.errors import SaelabError
+
+            raise SaelabError(
+                f"sae.b_dec_init = {how!r} needs an SAE that reconstructs its input; "
+                f"{self.architecture} predicts another hook, so leave b_dec_init unset"
+            )
+        with torch.no_grad():
+            x_BD = x_BD.float()
+            self.b_dec.copy_(x_BD.mean(0) if how == "mean" else geometric_median(x_BD))
+
+    @property
+    def b_dec_init(self) -> str:
+        """``cfg.b_dec_init``, else the architecture's default for a pre-encoder bias, else
+        ``zeros`` (a ``b_dec`` only added back after decoding starts at zero, April 2024)."""
+        if self.cfg.b_dec_init is not None:
+            return self.cfg.b_dec_init
+        return self.default_b_dec_init if self.apply_b_dec_to_input else "zeros"
+
+    def _resolve_decoder_unit_norm(self, cfg: SAEConfig) -> bool:
+        if cfg.decoder_unit_norm is None:
+            return self.default_decoder_unit_norm
+        fixed = not self.decoder_unit_norm_configurable
+        if fixed and cfg.decoder_unit_norm != self.default_decoder_unit_norm:
+            from saelab.errors import SaelabError
+
+            raise SaelabError(
+                f"the {self.architecture} architecture fixes its decoder norm; remove "
+                f"sae.decoder_unit_norm = {str(cfg.decoder_unit_norm).lower()}"
+            )
+        return cfg.decoder_unit_norm
 
     # ----- shared machinery ------------------------------------------------------------------
 
@@ -181,6 +265,12 @@ class SparseAutoencoder(nn.Module, ABC):
         if isinstance(feats, SparseFeatureActs):
             return sparse_decode(feats.idx_BK, feats.vals_BK, self.W_dec) + self.b_dec
         return feats.to_dense() @ self.W_dec + self.b_dec
+
+    def predict_normalised(self, x_BD: Float[Tensor, "B D"], feats: FeatureActs) -> Tensor:
+        """What the SAE outputs for normalised inputs and their features, in training units:
+        the reconstruction ``[B, D]``; a transcoder's prediction ``[B, O]`` of its output hook
+        (it overrides this to add its skip term)."""
+        return self.decode_feats(feats)
 
     def encode(self, x: Float[Tensor, "... D"]) -> Float[Tensor, "... F"]:
         """Dense feature activations of raw model activations (any leading shape)."""
@@ -219,18 +309,20 @@ class SparseAutoencoder(nn.Module, ABC):
         reconstruction ``(f W_dec + b_dec)/s`` uses ``W_dec/s``, ``b_dec/s``; features unchanged.
         """
         s = float(self.activation_scale)
-        return {
+        folded = {
             "W_enc": self.W_enc.detach() * s,
-            "b_enc": self.b_enc.detach().clone(),
+            "b_enc": None if self.b_enc is None else self.b_enc.detach().clone(),
             "W_dec": self.W_dec.detach() / s,
             "b_dec": self.b_dec.detach() / s,
         }
+        return {name: t for name, t in folded.items() if t is not None}
 
     def load_folded_state_dict_(self, tensors: dict[str, Tensor]) -> None:
-        """Load model-unit weights (scale 1)."""
+        """Load model-unit weights (scale 1). Subclasses load their own tensors via ``super()``."""
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(self, name).copy_(tensors[name])
+                if getattr(self, name) is not None:
+                    getattr(self, name).copy_(tensors[name])
             self.activation_scale.fill_(1.0)
 
     # ----- helpers for subclasses -------------------------------------------------------------
@@ -246,6 +338,20 @@ class SparseAutoencoder(nn.Module, ABC):
     def _normalise_decoder_rows_(self) -> None:
         with torch.no_grad():
             self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+def geometric_median(
+    points_ND: Float[Tensor, "N D"], iters: int = 100, tol: float = 1e-5
+) -> Float[Tensor, " D"]:
+    """Weiszfeld's algorithm, started at the mean: robust to the outliers a mean chases."""
+    median_D = points_ND.mean(0)
+    for _ in range(iters):
+        weights_N = 1 / (points_ND - median_D).norm(dim=-1).clamp_min(1e-8)
+        new_D = (weights_N[:, None] * points_ND).sum(0) / weights_N.sum()
+        if (new_D - median_D).norm() <= tol * new_D.norm().clamp_min(1e-12):
+            return new_D
+        median_D = new_D
+    return median_D
 
 
 def mse_per_token(recon_BD: Tensor, x_BD: Tensor) -> Float[Tensor, ""]:

@@ -31,10 +31,14 @@ def architecture_class(name: str) -> type[SparseAutoencoder]:
 def from_saelens_architecture(name: str) -> type[SparseAutoencoder]:
     from saelab.errors import SaelabError
 
+    # Several saelab architectures may save as one SAELens architecture (batchtopk and matryoshka
+    # as "jumprelu"); a file of it loads as the saelab architecture of the same name, if any.
+    if name in ARCHITECTURES and ARCHITECTURES[name].saelens_architecture == name:
+        return ARCHITECTURES[name]
     for cls in ARCHITECTURES.values():
         if cls.saelens_architecture == name:
             return cls
-    supported = ", ".join(sorted(c.saelens_architecture for c in ARCHITECTURES.values()))
+    supported = ", ".join(sorted({c.saelens_architecture for c in ARCHITECTURES.values()}))
     raise SaelabError(
         f"SAE architecture {name!r} in cfg.json is not supported yet; supported: {supported}"
     )

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from saelab import __version__
 from saelab.atomic import write_json, write_safetensors
-from saelab.config import SAEConfig
+from saelab.config import TRANSCODER_SUFFIX, SAEConfig
 from saelab.errors import SaelabError
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.registry import architecture_class, from_saelens_architecture
@@ -40,6 +40,8 @@ def sae_cfg_dict(sae: SparseAutoencoder, metadata: dict[str, Any] | None = None)
         "prepend_bos": True,
         "exclude_special_tokens": True,
     }
+    if sae.cfg.output_hook is not None:  # a transcoder: SAELens reads its output hook here
+        meta["hook_name_out"] = sae.cfg.output_hook
     meta.update(metadata or {})
     cfg: dict[str, Any] = {
         "architecture": sae.saelens_architecture,
@@ -61,6 +63,9 @@ def sae_cfg_dict(sae: SparseAutoencoder, metadata: dict[str, Any] | None = None)
     if sae.architecture == "topk":
         cfg["k"] = sae.cfg.k
         cfg["rescale_acts_by_decoder_norm"] = False
+    if sae.cfg.output_hook is not None:  # SAELens' TranscoderConfig field
+        cfg["d_out"] = sae.d_out
+        cfg["saelab"]["output_scale_folded"] = float(sae.output_scale)
     return cfg
 
 
@@ -128,6 +133,9 @@ def _sae_config_from_saelens(cfg: dict[str, Any]) -> tuple[str, SAEConfig, bool]
     fields: dict[str, Any] = {"hook": hook, "architecture": cls.architecture, "width": cfg["d_sae"]}
     if k is not None:
         fields["k"] = int(k)
+    if cls.architecture.endswith(TRANSCODER_SUFFIX):
+        # SAELens splices a transcoder without hook_name_out at its input hook.
+        fields["output_hook"] = meta.get("hook_name_out") or cfg.get("hook_name_out") or hook
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", cls.default_apply_b_dec_to_input))
     return cls.architecture, SAEConfig(**fields), apply_b_dec
 
@@ -153,6 +161,9 @@ def load_sae(
     else:
         arch, sae_cfg, apply_b_dec = _sae_config_from_saelens(cfg)
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    d_out = cfg.get("d_out")  # transcoders only
+    if d_out is not None and not isinstance(d_out, int):
+        raise SaelabError(f"{directory / CFG_FILENAME} has a non-integer 'd_out'; re-save the SAE")
     if expected_d_in is not None and expected_d_in != d_in:
         raise SaelabError(
             f"SAE {directory} expects d_in={d_in} (cfg.json) but the activations have width "
@@ -161,19 +172,21 @@ def load_sae(
     if sae_cfg.d_sae(d_in) != d_sae:
         sae_cfg = dataclasses.replace(sae_cfg, width=d_sae)
     tensors = read_weights(directory / WEIGHTS_FILENAME)
-    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    expected = architecture_class(arch).saved_tensor_shapes(d_in, d_sae, d_out)
     for name, shape in expected.items():
         if name not in tensors:
             raise SaelabError(f"{directory / WEIGHTS_FILENAME} has no tensor {name!r}")
         if tuple(tensors[name].shape) != shape:
             raise SaelabError(
                 f"{name} in {directory / WEIGHTS_FILENAME} has shape {tuple(tensors[name].shape)}"
-                f" but cfg.json (d_in={d_in}, d_sae={d_sae}) implies {shape}"
+                f" but cfg.json (d_in={d_in}, d_sae={d_sae}"
+                f"{'' if d_out is None else f', d_out={d_out}'}) implies {shape}"
             )
     tensors = {k: tensors[k].float() for k in expected}
     if cfg.get("rescale_acts_by_decoder_norm"):
         tensors = _fold_decoder_norms(tensors)
-    sae = architecture_class(arch)(sae_cfg, d_in, apply_b_dec_to_input=apply_b_dec)
+    widths = {} if d_out is None else {"d_out": d_out}
+    sae = architecture_class(arch)(sae_cfg, d_in, apply_b_dec_to_input=apply_b_dec, **widths)
     sae.load_folded_state_dict_(tensors)
     sae.metadata = dict(cfg.get("metadata") or {})
     return sae.to(device)
@@ -183,6 +196,7 @@ def _fold_decoder_norms(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     """SAELens' ``rescale_acts_by_decoder_norm`` made explicit: scale features by ‖d_i‖."""
     norms_F = tensors["W_dec"].norm(dim=-1)
     return {
+        **tensors,  # an architecture's other tensors are unaffected
         "W_enc": tensors["W_enc"] * norms_F,
         "b_enc": tensors["b_enc"] * norms_F,
         "W_dec": tensors["W_dec"] / norms_F[:, None].clamp_min(1e-12),

@@ -27,6 +27,7 @@ from saelab.saes.base import (
     SparseAutoencoder,
     SparseFeatureActs,
     TrainStepOutput,
+    geometric_median,  # noqa: F401  (re-exported: it lived here before moving to base)
     mse_per_token,
 )
 from saelab.saes.registry import register
@@ -35,6 +36,8 @@ from saelab.saes.sparse_ops import (
     gather_preacts,
     sampled_dots,
     sparse_decode,
+    topk_rows,
+    transposed_copy,
 )
 
 _BLOCK_ELEMENTS = 1 << 21
@@ -47,6 +50,8 @@ class TopKSAE(SparseAutoencoder):
     architecture = "topk"
     saelens_architecture = "topk"
     default_apply_b_dec_to_input = True
+    default_decoder_unit_norm = True
+    default_b_dec_init = "geometric_median"
     bf16_encoder: bool = False
     """Rank features with a bfloat16 encoder GEMM (see the module docstring); off by default."""
 
@@ -58,11 +63,6 @@ class TopKSAE(SparseAutoencoder):
         self.W_enc.copy_(self.W_dec.T)
         self.b_enc.zero_()
         self.b_dec.zero_()
-
-    def init_from_data_(self, x_BD: Float[Tensor, "B D"]) -> None:
-        if self.apply_b_dec_to_input:
-            with torch.no_grad():
-                self.b_dec.copy_(geometric_median(x_BD.float()))
 
     def _rank(
         self, x_BD: Tensor, k: int, dead_idx: Tensor | None = None, k_aux: int = 0
@@ -84,9 +84,9 @@ class TopKSAE(SparseAutoencoder):
                 k_rank = min(k + (k + 1) // 2, self.d_sae)
             rows = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // self.d_sae)
             tops, idxs, aux_tops, aux_idxs = [], [], [], []
-            for start in range(0, in_BD.shape[0], rows):
+            for start in range(0, max(in_BD.shape[0], 1), rows):  # one (empty) block if B = 0
                 pre_bF = dense_mm(in_BD[start : start + rows], W_enc_DF, b_enc_F)
-                top_bK, idx_bK = pre_bF.topk(k_rank, dim=-1, sorted=False)
+                top_bK, idx_bK = topk_rows(pre_bF, k_rank)
                 tops.append(top_bK)
                 idxs.append(idx_bK)
                 if dead_idx is not None:
@@ -100,7 +100,7 @@ class TopKSAE(SparseAutoencoder):
             aux_top_BA = torch.cat(aux_tops) if aux_tops else None
             aux_idx_BA = torch.cat(aux_idxs) if aux_idxs else None
             if not exact:
-                W_enc_FD = self.W_enc.t().contiguous()
+                W_enc_FD = transposed_copy(self.W_enc)
                 pre_BC = sampled_dots(idx_BK, sae_in_BD, W_enc_FD) + self.b_enc[idx_BK]
                 top_BK, pos_BK = pre_BC.topk(k, dim=-1, sorted=False)
                 idx_BK = idx_BK.gather(-1, pos_BK)
@@ -180,17 +180,3 @@ def _row_dots(a_FD: Tensor, b_FD: Tensor, rows: int = 1024) -> Tensor:
         block = slice(start, start + rows)
         torch.linalg.vecdot(a_FD[block], b_FD[block], out=out_F[block])
     return out_F
-
-
-def geometric_median(
-    points_ND: Float[Tensor, "N D"], iters: int = 100, tol: float = 1e-5
-) -> Float[Tensor, " D"]:
-    """Weiszfeld's algorithm, started at the mean: robust to the outliers a mean chases."""
-    median_D = points_ND.mean(0)
-    for _ in range(iters):
-        weights_N = 1 / (points_ND - median_D).norm(dim=-1).clamp_min(1e-8)
-        new_D = (weights_N[:, None] * points_ND).sum(0) / weights_N.sum()
-        if (new_D - median_D).norm() <= tol * new_D.norm().clamp_min(1e-12):
-            return new_D
-        median_D = new_D
-    return median_D

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ import torch
 
 from saelab import __version__
 from saelab.atomic import write_json, write_text
-from saelab.config import RunConfig, dump_run_config, load_run_config
+from saelab.config import DataConfig, ModelConfig, RunConfig, dump_run_config, load_run_config
 from saelab.data.activations import ActivationStream, special_token_ids
+from saelab.data.cache import ActivationCacheStream
 from saelab.data.text import TokenBatches
 from saelab.errors import SaelabError
 from saelab.models.hookpoints import hook_dim
@@ -39,33 +41,16 @@ def build_saes(cfg: RunConfig, d_in_by_hook: dict[str, int]) -> list[SparseAutoe
     saes = []
     for i, sae_cfg in enumerate(cfg.saes):
         cls = architecture_class(sae_cfg.architecture)
-        sae = cls(sae_cfg, d_in_by_hook[sae_cfg.hook], seed=cfg.seed + i)
+        # A transcoder's output width is its output hook's; other SAEs reconstruct their input.
+        out = sae_cfg.output_hook
+        widths = {} if out is None else {"d_out": d_in_by_hook[out]}
+        sae = cls(sae_cfg, d_in_by_hook[sae_cfg.hook], seed=cfg.seed + i, **widths)
         saes.append(sae.to(cfg.model.device))
     return saes
 
 
-def train_run(
-    cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True
-) -> dict[str, Any]:
-    """Train every SAE of ``cfg`` from one pass over the model; returns per-SAE results.
-
-    With ``resume``, the saved ``config.toml`` of ``out_dir`` is used and training continues
-    from its latest checkpoint.
-    """
-    out_dir = Path(out_dir)
-    if resume:
-        saved = out_dir / CONFIG_FILENAME
-        if not saved.is_file():
-            raise SaelabError(f"nothing to resume: {saved} does not exist")
-        cfg = load_run_config(saved)
-    elif (out_dir / CONFIG_FILENAME).exists() and any(out_dir.glob("*/cfg.json")):
-        raise SaelabError(
-            f"{out_dir} already holds a finished run; pass --resume to continue it or "
-            "choose another --out"
-        )
-    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SaelabError("--device cuda was asked for but no CUDA device is available")
-    torch.manual_seed(cfg.seed)
+def _model_source(cfg: RunConfig) -> tuple[ActivationStream, dict[str, int], dict[str, Any]]:
+    """(stream, d_in per hook, SAE metadata) from running the language model."""
     model, tokenizer = load_model(
         cfg.model.name, device=cfg.model.device, dtype=_DTYPES[cfg.model.dtype]
     )
@@ -88,13 +73,102 @@ def train_run(
         norm_estimate_tokens=cfg.data.norm_estimate_tokens,
         seed=cfg.seed,
     )
-    saes = build_saes(cfg, d_in_by_hook)
     metadata = {
         "model_name": cfg.model.name,
         "context_size": cfg.data.context,
         "dataset_path": cfg.data.dataset,
         "seqpos_slice": [cfg.data.skip_positions, None],
     }
+    return stream, d_in_by_hook, metadata
+
+
+def _cache_source(
+    cfg: RunConfig, cache_dir: str, extra_tokens: int
+) -> tuple[ActivationCacheStream, dict[str, int], dict[str, Any]]:
+    """(stream, d_in per hook, SAE metadata) from an activation cache; the model is not loaded.
+
+    The cache decides the model, text, context and scales; a config that names others is
+    warned about, since the saved SAEs record the cache's (that is where ``eval`` looks).
+    """
+    stream = ActivationCacheStream(
+        cache_dir,
+        cfg.hooks,
+        batch_size=cfg.train.batch_size,
+        buffer_size=cfg.data.buffer_size,
+        seed=cfg.seed,
+        epochs=cfg.data.activation_epochs,
+        device=cfg.model.device,
+    )
+    what = "training and held-out evaluation need" if extra_tokens else "training needs"
+    stream.check_tokens(cfg.train.steps * cfg.train.batch_size + extra_tokens, what)
+    index = stream.index
+    for field, asked, default, cached in (
+        ("model.name", cfg.model.name, ModelConfig().name, index.model),
+        ("data.dataset", cfg.data.dataset, DataConfig().dataset, index.dataset),
+        ("data.context", cfg.data.context, DataConfig().context, index.context),
+    ):
+        if asked not in (default, cached):
+            log.warning("%s=%r is ignored: the activation cache has %r", field, asked, cached)
+    metadata = {
+        **index.metadata(),
+        "activation_cache": str(Path(cache_dir).resolve()),
+    }
+    return stream, stream.d_in, metadata
+
+
+@dataclass
+class FinishedRun:
+    """What :func:`fit_run` leaves: the results, the trained SAEs and the stream, positioned
+    after the training tokens (a sweep draws its held-out activations from there)."""
+
+    cfg: RunConfig
+    results: dict[str, dict[str, float]]
+    saes: list[SparseAutoencoder]
+    stream: Any
+    metadata: dict[str, Any]
+    """Where the activations came from (model name, text, context), as saved with the SAEs."""
+
+
+def train_run(
+    cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Train every SAE of ``cfg`` from one pass over the model; returns per-SAE results.
+
+    With ``resume``, the saved ``config.toml`` of ``out_dir`` is used and training continues
+    from its latest checkpoint.
+    """
+    return fit_run(cfg, out_dir, resume=resume, progress=progress).results
+
+
+def fit_run(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    extra_tokens: int = 0,
+) -> FinishedRun:
+    """:func:`train_run`, keeping the SAEs and the stream. ``extra_tokens`` is what the caller
+    will draw from the stream afterwards (checked up front when it comes from a cache)."""
+    out_dir = Path(out_dir)
+    if resume:
+        saved = out_dir / CONFIG_FILENAME
+        if not saved.is_file():
+            raise SaelabError(f"nothing to resume: {saved} does not exist")
+        cfg = load_run_config(saved)
+    elif (out_dir / CONFIG_FILENAME).exists() and any(out_dir.glob("*/cfg.json")):
+        raise SaelabError(
+            f"{out_dir} already holds a finished run; pass --resume to continue it or "
+            "choose another --out"
+        )
+    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SaelabError("--device cuda was asked for but no CUDA device is available")
+    torch.manual_seed(cfg.seed)
+    if cfg.data.activations is not None:
+        stream, d_in_by_hook, metadata = _cache_source(cfg, cfg.data.activations, extra_tokens)
+    else:
+        stream, d_in_by_hook, metadata = _model_source(cfg)
+    saes = build_saes(cfg, d_in_by_hook)
     trainer = Trainer(saes, cfg.train, out_dir, progress=progress, metadata=metadata)
     write_text(out_dir / CONFIG_FILENAME, dump_run_config(cfg))
     if resume and not trainer.resume(stream):
@@ -106,6 +180,7 @@ def train_run(
             "saelab_version": __version__,
             "torch_version": torch.__version__,
             "python": platform.python_version(),
+            "activations": metadata.get("activation_cache"),
             "hooks": {
                 h: {"d_in": d, "activation_scale": stream.scales.get(h)}
                 for h, d in d_in_by_hook.items()
@@ -123,4 +198,4 @@ def train_run(
             "results": results,
         },
     )
-    return results
+    return FinishedRun(cfg, results, saes, stream, metadata)

@@ -14,10 +14,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import sys
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ from saelab.saes.metrics import ReconstructionStats
 from saelab.saes.storage import save_sae
 from saelab.training.checkpoint import latest_checkpoint, load_state, write_checkpoint
 from saelab.training.loggers import RunLogger
+from saelab.training.resampling import FeatureResampler, resample_due
 from saelab.training.schedules import lr_multiplier, penalty_multiplier
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,8 @@ class SAEState:
     tokens_since_fired_F: torch.Tensor
     """Tokens since each feature last fired; ≥ the dead window means dead."""
     last_losses: dict[str, float] = field(default_factory=dict)
+    resampler: FeatureResampler | None = None
+    """Dead-feature resampling state: candidate inputs and the last resample step."""
 
     def dead_F(self) -> torch.Tensor:
         return self.tokens_since_fired_F >= self.sae.cfg.dead_window_tokens
@@ -71,6 +76,11 @@ def _adam(
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
+def _target(sae: SparseAutoencoder, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """What a transcoder predicts (its output hook's batch); None for an autoencoder."""
+    return None if sae.cfg.output_hook is None else batch[sae.cfg.output_hook]
 
 
 _MALLOC_TUNED = False
@@ -108,6 +118,8 @@ class Trainer:
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
+        if cfg.autocast_bf16:
+            self._check_autocast(saes)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
         self.metadata = metadata or {}
@@ -128,9 +140,13 @@ class Trainer:
             optimizer=optimizer,
             base_lr=lr,
             folder=sae.cfg.folder_name,
-            window=ReconstructionStats(sae.d_in, sae.d_sae),
+            window=ReconstructionStats(sae.d_out, sae.d_sae),
             fired_total_F=torch.zeros(sae.d_sae, dtype=torch.int64, device=device),
             tokens_since_fired_F=torch.zeros(sae.d_sae, dtype=torch.int64, device=device),
+            # Seeded by the run's seed and the SAE's folder: sweeps draw independent inputs.
+            resampler=FeatureResampler(
+                self.cfg, sae, seed=torch.initial_seed() + zlib.crc32(sae.cfg.folder_name.encode())
+            ),
         )
 
     # ----- the story ----------------------------------------------------------------------------
@@ -158,9 +174,10 @@ class Trainer:
             if self.step == 0:
                 self._init_from_first_batch(batch, stream)
             for state in self.states:
-                self._train_step(state, batch[state.sae.cfg.hook])
+                self._train_step(state, batch[state.sae.cfg.hook], _target(state.sae, batch))
             self.step += 1
             self.tokens += self._batch_tokens(batch)
+            self._resample_if_due()
             if self.step % self.cfg.log_every_steps == 0 or self.step == total:
                 bar.set_postfix(self._log_window(time.perf_counter() - started), refresh=False)
             bar.update(1)
@@ -186,21 +203,44 @@ class Trainer:
                     f"width {x_BD.shape[-1]}"
                 )
             state.sae.activation_scale.fill_(float(scales.get(hook, 1.0)))
+            output_hook = state.sae.cfg.output_hook
+            if output_hook is not None:
+                if output_hook not in batch:
+                    raise SaelabError(
+                        f"transcoder {state.folder} predicts hook {output_hook!r} but the stream "
+                        f"yields {sorted(batch)}; add the hook to the stream"
+                    )
+                if batch[output_hook].shape[-1] != state.sae.d_out:
+                    raise SaelabError(
+                        f"transcoder {state.folder} has d_out={state.sae.d_out} but hook "
+                        f"{output_hook} gives width {batch[output_hook].shape[-1]}"
+                    )
+                state.sae.output_scale.fill_(float(scales.get(output_hook, 1.0)))
             state.sae.init_from_data_(x_BD)
 
-    def _train_step(self, state: SAEState, x_BD: torch.Tensor) -> TrainStepOutput:
+    def _train_step(
+        self, state: SAEState, x_BD: torch.Tensor, target_BD: torch.Tensor | None = None
+    ) -> TrainStepOutput:
+        """One optimiser step; ``target_BD`` (a transcoder's output hook) replaces ``x_BD`` as
+        what is reconstructed and scored."""
         sae, opt = state.sae, state.optimizer
         total = self.cfg.steps
         lr = state.base_lr * lr_multiplier(
-            self.step, total, self.cfg.lr_warmup_frac, self.cfg.lr_decay_frac
+            self.step, total, self.cfg.lr_warmup_frac, self.cfg.lr_decay_frac, self.cfg.lr_decay
         )
+        if state.resampler is not None:
+            lr *= state.resampler.lr_multiplier(self.step)
         for group in opt.param_groups:
             group["lr"] = lr
-        out = sae.training_step(
-            x_BD,
-            penalty_scale=penalty_multiplier(self.step, total, self.cfg.l1_warmup_frac),
-            dead_F=state.dead_F(),
-        )
+        # Only transcoders take a target: ordinary architectures need not accept the keyword.
+        target = {} if target_BD is None else {"target_BD": target_BD}
+        with self._autocast():
+            out = sae.training_step(
+                x_BD,
+                penalty_scale=penalty_multiplier(self.step, total, self.cfg.l1_warmup_frac),
+                dead_F=state.dead_F(),
+                **target,
+            )
         out.loss.backward()
         sae.before_optimizer_step_()
         if self.cfg.grad_clip > 0:
@@ -208,7 +248,9 @@ class Trainer:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.after_optimizer_step_()
-        self._update_feature_stats(state, out, x_BD)
+        self._update_feature_stats(state, out, x_BD if target_BD is None else target_BD)
+        if state.resampler is not None:
+            state.resampler.offer_(self.step, x_BD, out.recon_BD)
         state.last_losses = {k: float(v) for k, v in out.losses.items()}
         state.last_losses["lr"] = lr
         return out
@@ -219,6 +261,55 @@ class Trainer:
         state.tokens_since_fired_F += x_BD.shape[0]
         state.tokens_since_fired_F.masked_fill_(fired_F > 0, 0)
         state.window.update(x_BD, out.recon_BD, out.feats.l0_per_token(), fired_F)
+
+    @staticmethod
+    def _check_autocast(saes: list[SparseAutoencoder]) -> None:
+        if any(sae.W_enc.device.type != "cuda" for sae in saes):
+            raise SaelabError(
+                "train.autocast_bf16 needs the SAEs on a CUDA device; turn it off on the CPU"
+            )
+        for sae in saes:
+            if not sae.supports_autocast_bf16:
+                raise SaelabError(
+                    f"train.autocast_bf16: the {sae.architecture} architecture's training kernels "
+                    "run in float32 only so far; turn train.autocast_bf16 off"
+                )
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast around the SAE's forward when ``train.autocast_bf16`` (CUDA only);
+        the backward, the optimiser and the weights stay float32."""
+        if not self.cfg.autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def _resample_if_due(self) -> None:
+        """Dead-feature resampling once a due step is done (METHODS §1.1); every event is
+        logged, since resampling makes L0 and the loss jump."""
+        if not resample_due(self.step, self.cfg):
+            return
+        for state in self.states:
+            if state.resampler is None:
+                continue
+            counts = state.resampler.resample_(
+                self.step, state.sae, state.optimizer, state.tokens_since_fired_F
+            )
+            log.info(
+                "step %d: resampled %d of %d dead features of %s",
+                self.step,
+                counts["n_resampled"],
+                counts["n_dead"],
+                state.folder,
+            )
+            if self.logger is not None:
+                self.logger.log(
+                    {
+                        "event": "resample",
+                        "step": self.step,
+                        "tokens": self.tokens,
+                        "sae": state.folder,
+                        **counts,
+                    }
+                )
 
     @staticmethod
     def _batch_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -280,6 +371,7 @@ class Trainer:
                 "optimizer": state.optimizer.state_dict(),
                 "fired_total": state.fired_total_F,
                 "tokens_since_fired": state.tokens_since_fired_F,
+                "resampler": None if state.resampler is None else state.resampler.state_dict(),
             }
         if hasattr(stream, "state_dict"):
             states["stream"] = stream.state_dict()
@@ -304,6 +396,8 @@ class Trainer:
             state.optimizer.load_state_dict(saved["optimizer"])
             state.fired_total_F.copy_(saved["fired_total"])
             state.tokens_since_fired_F.copy_(saved["tokens_since_fired"])
+            if state.resampler is not None and saved.get("resampler") is not None:
+                state.resampler.load_state_dict(saved["resampler"], state.sae.W_enc.device)
         if hasattr(stream, "load_state_dict"):
             stream.load_state_dict(load_state(path, "stream"))
         self.step = int(trainer_state["step"])

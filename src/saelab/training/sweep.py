@@ -1,0 +1,159 @@
+"""``saelab sweep``: many SAEs from one pass over the activations, then one table to compare them.
+
+Training is :func:`~saelab.training.run.fit_run`: every ``[[sae]]`` table (any mix of
+architectures, widths, k, λ and hooks) is fed from the same batches, so the model runs once (or
+not at all, with an activation cache). Afterwards each SAE runs over ``eval_tokens`` activations
+drawn from the same stream *after* the training tokens, so never trained on (with a cache read
+for more than one epoch they may have been), and its ``l0``, ``fvu``, ``gamma`` and
+``frac_dead`` (METHODS §6.1, §6.3; ``frac_dead`` = never fired on those tokens) go into
+``OUT/summary.json`` with the wall time. Metrics are computed in model units, as ``saelab eval``
+does.
+
+Example::
+
+    summary = sweep_run(load_run_config("sweep.toml"), "runs/sweep", eval_tokens=16_384)
+    print(format_summary_table(summary))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from saelab import __version__
+from saelab.atomic import write_json
+from saelab.config import RunConfig
+from saelab.errors import SaelabError
+from saelab.saes.base import SparseAutoencoder
+from saelab.saes.metrics import ReconstructionStats
+from saelab.training.run import fit_run
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILENAME = "summary.json"
+SUMMARY_METRICS = ("l0", "fvu", "gamma", "frac_dead")
+"""The columns of the sweep table, per SAE, on held-out activations."""
+
+
+def _target_hook(sae: SparseAutoencoder) -> str:
+    """The hook an SAE reconstructs: its own, or a transcoder's output hook."""
+    return sae.cfg.output_hook or sae.cfg.hook
+
+
+@torch.no_grad()
+def held_out_metrics(
+    saes: list[SparseAutoencoder],
+    stream: Any,
+    tokens: int,
+    *,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Reconstruction metrics of each SAE over the next ``tokens`` rows of ``stream``.
+
+    ``stream`` yields normalised ``{hook: [batch, d_in]}``; targets (the SAE's own hook, or a
+    transcoder's output hook) and reconstructions are divided by the target hook's scale, so
+    ``mse`` is in model units (the other metrics do not depend on the unit).
+    """
+    scales = getattr(stream, "scales", None) or {}
+    stats = [ReconstructionStats(sae.d_out, sae.d_sae) for sae in saes]
+    for sae in saes:
+        sae.eval()
+    batches = iter(stream)
+    seen = 0
+    bar = tqdm(total=tokens, disable=not progress, unit="tok", unit_scale=True, desc="held-out")
+    while seen < tokens:
+        batch = next(batches, None)
+        if batch is None:
+            raise SaelabError(
+                f"the activation stream ran out after {seen:,} held-out tokens of {tokens:,}; "
+                "use a larger dataset or fewer --eval-tokens"
+            )
+        take = min(tokens - seen, next(iter(batch.values())).shape[0])
+        for sae, stat in zip(saes, stats, strict=True):
+            target = _target_hook(sae)
+            scale = float(scales.get(target, 1.0))
+            x_BD = batch[sae.cfg.hook][:take]
+            feats = sae.encode_normalised(x_BD)
+            recon_BO = sae.predict_normalised(x_BD, feats)
+            y_BO = batch[target][:take]
+            stat.update(y_BO / scale, recon_BO / scale, feats.l0_per_token(), feats.fired_counts())
+        seen += take
+        bar.update(take)
+    bar.close()
+    return [stat.compute() for stat in stats]
+
+
+def sweep_run(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    eval_tokens: int = 16_384,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train every SAE of ``cfg`` in one pass, measure each on held-out activations, and write
+    ``OUT/summary.json``; returns the summary."""
+    if eval_tokens < 1:
+        raise SaelabError(f"--eval-tokens must be positive, got {eval_tokens}")
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    # The stream serves whole batches, so the held-out part takes whole batches too.
+    eval_rows = math.ceil(eval_tokens / cfg.train.batch_size) * cfg.train.batch_size
+    run = fit_run(cfg, out_dir, resume=resume, progress=progress, extra_tokens=eval_rows)
+    trained = time.perf_counter()
+    metrics = held_out_metrics(run.saes, run.stream, eval_tokens, progress=progress)
+    done = time.perf_counter()
+    rows = []
+    for sae, values in zip(run.saes, metrics, strict=True):
+        folder = sae.cfg.folder_name
+        rows.append(
+            {
+                "folder": folder,
+                "hook": sae.cfg.hook,
+                "architecture": sae.architecture,
+                "output_hook": sae.cfg.output_hook,
+                "d_in": sae.d_in,
+                "d_sae": sae.d_sae,
+                **{key: values[key] for key in SUMMARY_METRICS},
+                "mse": values["mse"],
+                "explained_variance": values["explained_variance"],
+                "frac_dense": values["frac_dense"],
+                "training": run.results.get(folder, {}),
+            }
+        )
+    summary = {
+        "saelab_version": __version__,
+        "model": run.metadata.get("model_name"),
+        "activations": run.metadata.get("activation_cache"),
+        "train_tokens": run.cfg.train.steps * run.cfg.train.batch_size,
+        "eval_tokens": eval_tokens,
+        "wall_time_s": done - started,
+        "train_time_s": trained - started,
+        "eval_time_s": done - trained,
+        "saes": rows,
+    }
+    write_json(out_dir / SUMMARY_FILENAME, summary)
+    log.info("sweep of %d SAE(s) took %.1f s; summary in %s", len(rows), done - started, out_dir)
+    return summary
+
+
+def format_summary_table(summary: dict[str, Any]) -> str:
+    """The sweep as a text table: one row per SAE, the :data:`SUMMARY_METRICS` as columns."""
+    names = [row["folder"] for row in summary["saes"]]
+    width = max(len("sae"), *(len(n) for n in names))
+    header = f"{'sae':<{width}}  " + "  ".join(f"{m:>10}" for m in SUMMARY_METRICS)
+    lines = [header, "-" * len(header)]
+    for row in summary["saes"]:
+        cells = "  ".join(f"{row[m]:>10.4g}" for m in SUMMARY_METRICS)
+        lines.append(f"{row['folder']:<{width}}  {cells}")
+    lines.append(
+        f"{len(names)} SAE(s), {summary['train_tokens']:,} training and "
+        f"{summary['eval_tokens']:,} held-out tokens, {summary['wall_time_s']:.1f} s"
+    )
+    return "\n".join(lines)
