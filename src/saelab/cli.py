@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from saelab import __version__
@@ -28,7 +28,11 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--arch": ("sae.architecture", str, "SAE architecture"),
     "--expansion": ("sae.expansion", int, "d_sae = expansion * d_in"),
     "--k": ("sae.k", int, "TopK: active features per token"),
-    "--l1": ("sae.l1_coefficient", float, "ReLU: L1 penalty coefficient"),
+    "--l1": (
+        "sae.l1_coefficient",
+        float,
+        "sparsity coefficient: L1 (relu, gated) or L0 (jumprelu)",
+    ),
     "--tokens": ("train.tokens", int, "training tokens"),
     "--batch-size": ("train.batch_size", int, "activations per optimiser step"),
     "--lr": ("train.lr", float, "Adam learning rate (default: per architecture and width)"),
@@ -73,6 +77,22 @@ class _OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"saelab: error: {message} (see: {self.prog} --help)\n")
 
 
+def _add_config_flags(parser: argparse.ArgumentParser, flags: Iterable[str]) -> None:
+    """One option per flag of :data:`TRAIN_FLAGS`, stored under its config key."""
+    choices = {"--arch": sorted(ARCHITECTURES), "--device": ["cpu", "cuda"]}
+    for flag in flags:
+        key, kind, help_text = TRAIN_FLAGS[flag]
+        parser.add_argument(
+            flag,
+            dest=key,
+            metavar=None if flag in choices else flag.lstrip("-").upper().replace("-", "_"),
+            type=_int if kind is int else kind,
+            default=None,
+            help=help_text,
+            **({"choices": choices[flag]} if flag in choices else {}),
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _OneLineErrors(
         prog="saelab", description="Train, evaluate and use sparse autoencoders on LMs."
@@ -85,18 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train one or more SAEs on a model's activations")
     train.add_argument("config", nargs="?", help="TOML run file ([model] [data] [train] [[sae]])")
-    for flag, (key, kind, help_text) in TRAIN_FLAGS.items():
-        extra = {"choices": sorted(ARCHITECTURES)} if flag == "--arch" else {}
-        if flag == "--device":
-            extra = {"choices": ["cpu", "cuda"]}
-        train.add_argument(
-            flag,
-            dest=key,
-            type=_int if kind is int else kind,
-            default=None,
-            help=help_text,
-            **extra,
-        )
+    _add_config_flags(train, TRAIN_FLAGS)
     train.add_argument(
         "--set",
         action="append",
@@ -119,17 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         "sweep", help="train every [[sae]] of a TOML file in one pass; compare them in a table"
     )
     sweep.add_argument("config", help="TOML run file with several [[sae]] tables")
-    for flag in SWEEP_FLAGS:
-        key, kind, help_text = TRAIN_FLAGS[flag]
-        extra = {"choices": ["cpu", "cuda"]} if flag == "--device" else {}
-        sweep.add_argument(
-            flag,
-            dest=key,
-            type=_int if kind is int else kind,
-            default=None,
-            help=help_text,
-            **extra,
-        )
+    _add_config_flags(sweep, SWEEP_FLAGS)
     sweep.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="as for train"
     )
