@@ -30,11 +30,9 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from saelab.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainConfig
-from saelab.data.activations import ActivationStream, special_token_ids
 from saelab.data.cache import write_activation_cache
-from saelab.data.text import TokenBatches
 from saelab.models.loading import load_model
-from saelab.training.run import train_run
+from saelab.training.run import model_activation_stream, train_run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,22 +77,7 @@ def model_share(cfg: RunConfig) -> tuple[float, float]:
     """Seconds to load ``cfg``'s model, and to draw the run's batches from its activation stream
     (forward passes plus shuffling) with no SAE attached."""
     load_s, (model, tokenizer) = timed(load_model, cfg.model.name, device=cfg.model.device)
-    tokens = TokenBatches(
-        cfg.data.dataset,
-        tokenizer,
-        context=cfg.data.context,
-        batch_size=cfg.data.model_batch_size,
-        seed=cfg.seed,
-    )
-    stream = ActivationStream(
-        model,
-        tokens,
-        cfg.hooks,
-        batch_size=cfg.train.batch_size,
-        buffer_size=cfg.data.buffer_size,
-        special_ids=special_token_ids(tokenizer),
-        seed=cfg.seed,
-    )
+    stream = model_activation_stream(cfg, model, tokenizer)
 
     def draw() -> None:
         for _, _batch in zip(range(cfg.train.steps), stream, strict=False):

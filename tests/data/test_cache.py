@@ -23,7 +23,7 @@ from saelab.errors import SaelabError
 from saelab.training.checkpoint import load_state, save_state
 from tiny_models import build_tiny_model, build_tiny_tokenizer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 HOOK = "blocks.1.hook_resid_post"
 SAME = "blocks.2.hook_resid_pre"  # the same tensor as HOOK: equal rows prove row alignment
@@ -32,16 +32,6 @@ HOOKS = [HOOK, SAME, MLP]
 TOKENS = 600
 NORM_ROWS = 200
 TEXT = {"context": 16, "model_batch_size": 8, "seed": 0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a loaded machine OpenMP threads spin-wait
-    for each other (measured 15× slower); restored afterwards for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from saelab.cli import main
 from saelab.data.cache import INDEX_FILENAME
 from saelab.evaluation.evaluate import METRIC_KEYS
 from saelab.training.sweep import SUMMARY_FILENAME
-from tiny_models import build_tiny_model, build_tiny_tokenizer
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_thread")]
 
 HOOK = "blocks.1.hook_resid_post"
 MLP = "blocks.0.hook_mlp_out"
@@ -73,31 +71,13 @@ def saelab(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a loaded machine OpenMP threads spin-wait
-    for each other (measured 15× slower); restored afterwards for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_model("llama").save_pretrained(path)
-    build_tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def cache(model_dir, words_file, tmp_path_factory):
+def cache(tiny_model_dir, words_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "acts"
     done = saelab(
         "cache",
         "--model",
-        str(model_dir),
+        str(tiny_model_dir),
         "--hook",
         HOOK,
         "--hook",
@@ -143,16 +123,16 @@ def train_args(cache, out, *extra):
     )
 
 
-def test_cache_writes_shards_and_index(cache, model_dir, words_file):
+def test_cache_writes_shards_and_index(cache, tiny_model_dir, words_file):
     index = json.loads((cache / INDEX_FILENAME).read_text())
     assert index["hooks"] == [HOOK, MLP] and index["count"] == TOKENS
     assert [s["count"] for s in index["shards"]] == [1500, 1500, 1000]
-    assert index["model"] == str(model_dir) and index["dataset"] == str(words_file)
+    assert index["model"] == str(tiny_model_dir) and index["dataset"] == str(words_file)
     assert index["context"] == 32 and set(index["scales"]) == {HOOK, MLP}
 
 
 def test_train_from_the_cache_without_the_model_then_eval_finds_it(
-    cache, model_dir, tmp_path, capsys
+    cache, tiny_model_dir, tmp_path, capsys
 ):
     out = tmp_path / "run"
     # A model that does not exist: training from the cache must not try to load it.
@@ -160,7 +140,7 @@ def test_train_from_the_cache_without_the_model_then_eval_finds_it(
     assert done.returncode == 0, done.stderr
     assert str(out / FOLDER) in done.stdout
     cfg = json.loads((out / FOLDER / "cfg.json").read_text())
-    assert cfg["metadata"]["model_name"] == str(model_dir)
+    assert cfg["metadata"]["model_name"] == str(tiny_model_dir)
     assert cfg["metadata"]["context_size"] == 32
 
     # In-process from here on: the same main(), without another interpreter start-up.
@@ -222,8 +202,8 @@ def test_bad_train_inputs(cache, tmp_path, capsys, change, expected):
     assert expected in run_main(capsys, *args)
 
 
-def test_bad_cache_and_sweep_inputs(cache, model_dir, tmp_path, capsys):
-    base = ["cache", "--model", str(model_dir), "--tokens", "100"]
+def test_bad_cache_and_sweep_inputs(cache, tiny_model_dir, tmp_path, capsys):
+    base = ["cache", "--model", str(tiny_model_dir), "--tokens", "100"]
     assert "float8" in run_main(capsys, *base, "--dtype", "float8", "--out", str(tmp_path / "c"))
     assert "already holds" in run_main(capsys, *base, "--out", str(cache))
     message = run_main(capsys, *base, "--hook", "blocks.7.hook_resid_post", "--out", str(tmp_path))

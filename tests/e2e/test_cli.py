@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from saelab.evaluation.evaluate import METRIC_KEYS
-from tiny_models import build_tiny_model, build_tiny_tokenizer
 
 pytestmark = pytest.mark.e2e
 
@@ -31,14 +30,6 @@ def saelab(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         cwd=cwd,
         timeout=600,
     )
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_model("llama").save_pretrained(path)
-    build_tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def train_args(model_dir, text, out, *extra):

@@ -15,7 +15,6 @@ from saelab.cli import main
 from saelab.evaluation.evaluate import METRIC_KEYS
 from saelab.saes import TopKSkipTranscoder
 from saelab.saes.storage import load_sae
-from tiny_models import build_tiny_model, build_tiny_tokenizer
 
 pytestmark = pytest.mark.e2e
 
@@ -32,14 +31,6 @@ def saelab(*args: str) -> subprocess.CompletedProcess:
         env=env,
         timeout=600,
     )
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_model("llama").save_pretrained(path)
-    build_tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def train_args(model_dir: Path, text: Path, out: Path, *extra: str) -> list[str]:

@@ -34,8 +34,7 @@ def gamma_of(sae) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained():
-    torch.set_num_threads(1)
+def trained(one_thread):
     saes = {
         "relu_small": ReLUSAE(
             SAEConfig(hook="h", architecture="relu", expansion=4, l1_coefficient=0.3, name="a"),

@@ -23,16 +23,9 @@ from saelab.training.resampling import LOSS_EXPONENTS
 from saelab.training.schedules import lr_multiplier
 from saelab.training.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D_IN = 16
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP threads spinning against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _one_line_error(fn, *args, **kwargs) -> str:

@@ -27,18 +27,10 @@ from saelab.training.resampling import (
 from saelab.training.schedules import lr_multiplier, resample_lr_multiplier
 from saelab.training.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D_IN = 16
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These matrices are tiny: one thread avoids OpenMP threads spinning against each other on
-    a loaded machine (measured 4 s instead of 55 s for the trainer runs below)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----- the weight surgery -------------------------------------------------------------------------

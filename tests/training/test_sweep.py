@@ -25,7 +25,7 @@ from saelab.training.sweep import (
 )
 from tiny_models import build_tiny_model, build_tiny_tokenizer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 HOOK = "blocks.1.hook_resid_post"
 MLP = "blocks.0.hook_mlp_out"
@@ -33,26 +33,8 @@ CACHED = 3000
 BATCH = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a loaded machine OpenMP threads spin-wait
-    for each other (measured 15× slower); restored afterwards for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_model("llama").save_pretrained(path)
-    build_tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def cache(model_dir, words_file, tmp_path_factory):
+def cache(tiny_model_dir, words_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "acts"
     write_activation_cache(
         build_tiny_model("llama"),
@@ -60,7 +42,7 @@ def cache(model_dir, words_file, tmp_path_factory):
         [HOOK, MLP],
         out,
         tokens=CACHED,
-        model_name=str(model_dir),
+        model_name=str(tiny_model_dir),
         dataset=str(words_file),
         context=16,
         model_batch_size=8,
@@ -109,7 +91,7 @@ def no_model(monkeypatch):
 
 
 def test_training_from_a_cache_never_loads_the_model(
-    cache, words_file, model_dir, no_model, tmp_path
+    cache, words_file, tiny_model_dir, no_model, tmp_path
 ):
     cfg = config(words_file, activations=str(cache))
     results = train_run(cfg, tmp_path, progress=False)
@@ -117,7 +99,7 @@ def test_training_from_a_cache_never_loads_the_model(
     assert results[folder]["tokens"] == 8 * BATCH
     saved = read_sae_cfg(tmp_path / folder)
     # The cache's provenance, not the config's model name, so `saelab eval` finds the model.
-    assert saved["metadata"]["model_name"] == str(model_dir)
+    assert saved["metadata"]["model_name"] == str(tiny_model_dir)
     assert saved["metadata"]["context_size"] == 16
     assert saved["metadata"]["dataset_path"] == str(words_file.resolve())
     assert saved["metadata"]["activation_cache"] == str(cache.resolve())
@@ -162,7 +144,7 @@ def test_too_few_cached_tokens_is_an_error_up_front(cache, words_file, no_model,
 
 
 def test_sweep_trains_every_sae_from_one_pass_of_the_model(
-    model_dir, words_file, tmp_path, monkeypatch
+    tiny_model_dir, words_file, tmp_path, monkeypatch
 ):
     computed = []
     real = activations_module.model_activations
@@ -172,7 +154,7 @@ def test_sweep_trains_every_sae_from_one_pass_of_the_model(
         return real(model, tokens_NP, hooks, keep_NP)
 
     monkeypatch.setattr(activations_module, "model_activations", counting)
-    cfg = config(words_file, model=model_dir, saes=three_saes())
+    cfg = config(words_file, model=tiny_model_dir, saes=three_saes())
     summary = sweep_run(cfg, tmp_path, eval_tokens=300, progress=False)
 
     rows = {row["folder"]: row for row in summary["saes"]}
@@ -186,7 +168,7 @@ def test_sweep_trains_every_sae_from_one_pass_of_the_model(
         assert 0 <= row["frac_dead"] <= 1 and row["fvu"] > 0 and row["gamma"] > 0
     assert rows[cfg.saes[0].folder_name]["l0"] <= 4 and rows[cfg.saes[2].folder_name]["l0"] <= 8
     assert summary["wall_time_s"] >= summary["train_time_s"] > 0
-    assert summary["model"] == str(model_dir) and summary["activations"] is None
+    assert summary["model"] == str(tiny_model_dir) and summary["activations"] is None
     # One pass: the model made the training rows, the held-out rows and one buffer, not 3×.
     budget = 8 * BATCH + math.ceil(300 / BATCH) * BATCH + 512 + 8 * 16
     assert sum(computed) <= budget < 3 * 8 * BATCH

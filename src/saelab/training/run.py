@@ -49,12 +49,8 @@ def build_saes(cfg: RunConfig, d_in_by_hook: dict[str, int]) -> list[SparseAutoe
     return saes
 
 
-def _model_source(cfg: RunConfig) -> tuple[ActivationStream, dict[str, int], dict[str, Any]]:
-    """(stream, d_in per hook, SAE metadata) from running the language model."""
-    model, tokenizer = load_model(
-        cfg.model.name, device=cfg.model.device, dtype=_DTYPES[cfg.model.dtype]
-    )
-    d_in_by_hook = {hook: hook_dim(model, hook) for hook in cfg.hooks}
+def model_activation_stream(cfg: RunConfig, model, tokenizer) -> ActivationStream:
+    """The activation stream a run with ``cfg`` trains on: its text, hooks, batches, buffer."""
     tokens = TokenBatches(
         cfg.data.dataset,
         tokenizer,
@@ -62,7 +58,7 @@ def _model_source(cfg: RunConfig) -> tuple[ActivationStream, dict[str, int], dic
         batch_size=cfg.data.model_batch_size,
         seed=cfg.seed,
     )
-    stream = ActivationStream(
+    return ActivationStream(
         model,
         tokens,
         cfg.hooks,
@@ -73,6 +69,15 @@ def _model_source(cfg: RunConfig) -> tuple[ActivationStream, dict[str, int], dic
         norm_estimate_tokens=cfg.data.norm_estimate_tokens,
         seed=cfg.seed,
     )
+
+
+def _model_source(cfg: RunConfig) -> tuple[ActivationStream, dict[str, int], dict[str, Any]]:
+    """(stream, d_in per hook, SAE metadata) from running the language model."""
+    model, tokenizer = load_model(
+        cfg.model.name, device=cfg.model.device, dtype=_DTYPES[cfg.model.dtype]
+    )
+    d_in_by_hook = {hook: hook_dim(model, hook) for hook in cfg.hooks}
+    stream = model_activation_stream(cfg, model, tokenizer)
     metadata = {
         "model_name": cfg.model.name,
         "context_size": cfg.data.context,
