@@ -113,10 +113,11 @@ class SparseAutoencoder(nn.Module, ABC):
     decoder_unit_norm_configurable: ClassVar[bool] = False
     """Whether ``cfg.decoder_unit_norm`` may differ from the default: true for architectures that
     leave the constraint to the base class's optimizer-step hooks."""
-    supports_autocast_bf16: ClassVar[bool] = False
+    supports_autocast_bf16: ClassVar[bool] = True
     """Whether :meth:`training_step` may run under ``torch.autocast(bfloat16)``
     (``train.autocast_bf16``): hand-written autograd kernels must accept the mixed dtypes
-    autocast produces (e.g. via ``torch.amp.custom_fwd``) before an architecture sets this."""
+    autocast produces (``sparse_ops.fp32_forward`` does); an architecture whose kernels do not
+    sets this to False and the trainer refuses the option for it."""
     default_b_dec_init: ClassVar[str] = "zeros"
     """How a pre-encoder bias starts when ``cfg.b_dec_init`` is unset (one of
     ``saelab.config.B_DEC_INITS``); a ``b_dec`` that is not subtracted starts at zero."""

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from saelab.saes.base import DenseFeatureActs, SparseAutoencoder, TrainStepOutput, mse_per_token
 from saelab.saes.registry import register
+from saelab.saes.sparse_ops import fp32_backward, fp32_forward
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -50,12 +51,14 @@ def _threshold_grad(ctx: Any, grad_BF: Tensor, numerator: Tensor | float) -> Ten
 
 class _JumpReLU(torch.autograd.Function):
     @staticmethod
+    @fp32_forward
     def forward(ctx, pre_BF, threshold_F, bandwidth):  # type: ignore[override]
         ctx.save_for_backward(pre_BF, threshold_F)
         ctx.bandwidth = bandwidth
         return pre_BF * (pre_BF > threshold_F)
 
     @staticmethod
+    @fp32_backward
     def backward(ctx, grad_BF):  # type: ignore[override]
         pre_BF, threshold_F = ctx.saved_tensors
         need_pre, need_threshold, _ = ctx.needs_input_grad
@@ -66,12 +69,14 @@ class _JumpReLU(torch.autograd.Function):
 
 class _Step(torch.autograd.Function):
     @staticmethod
+    @fp32_forward
     def forward(ctx, pre_BF, threshold_F, bandwidth):  # type: ignore[override]
         ctx.save_for_backward(pre_BF, threshold_F)
         ctx.bandwidth = bandwidth
         return (pre_BF > threshold_F).to(pre_BF.dtype)
 
     @staticmethod
+    @fp32_backward
     def backward(ctx, grad_BF):  # type: ignore[override]
         # No estimator for z: the sparsity penalty moves thresholds, not pre-activations.
         grad_threshold = _threshold_grad(ctx, grad_BF, 1.0) if ctx.needs_input_grad[1] else None

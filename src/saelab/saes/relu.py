@@ -34,6 +34,8 @@ from saelab.saes.registry import register
 from saelab.saes.sparse_ops import (
     dense_mm,
     feature_major_csr,
+    fp32_backward,
+    fp32_forward,
     sampled_dots_csr,
     sum_rows_by_feature,
     transposed_copy,
@@ -82,6 +84,7 @@ class _ReLUBody(torch.autograd.Function):
     """
 
     @staticmethod
+    @fp32_forward
     def forward(ctx, x_BD, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, subtract_b_dec):  # type: ignore[override]
         ctx.set_materialize_grads(False)
         batch, d_sae = x_BD.shape[0], W_enc_DF.shape[1]
@@ -123,6 +126,7 @@ class _ReLUBody(torch.autograd.Function):
         return acts_BF, acts_sum_F, recon_BD, fired_F, l0_B
 
     @staticmethod
+    @fp32_backward
     def backward(ctx, g_acts_BF, g_acts_sum_F, g_recon_BD, _fired, _l0):  # type: ignore[override]
         x_BD, W_enc_DF, W_dec_FD, b_dec_D, acts_BF = ctx.saved_tensors
         need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec, _ = ctx.needs_input_grad

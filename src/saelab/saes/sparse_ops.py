@@ -198,6 +198,23 @@ def sampled_dots_csr(
 # ----- differentiable kernels --------------------------------------------------------------------
 
 
+def fp32_forward(forward):
+    """Run a hand-written kernel's forward in float32 even under CPU or CUDA autocast.
+
+    ``train.autocast_bf16`` lets matrix products elsewhere in a step run in bfloat16; these
+    kernels index, scatter and accumulate, and stay exact in float32 (inputs cast on entry)."""
+    for device in ("cpu", "cuda"):
+        forward = torch.amp.custom_fwd(device_type=device, cast_inputs=torch.float32)(forward)
+    return forward
+
+
+def fp32_backward(backward):
+    """The matching backward: runs with autocast off, as its forward did."""
+    for device in ("cpu", "cuda"):
+        backward = torch.amp.custom_bwd(device_type=device)(backward)
+    return backward
+
+
 class _GatherPreacts(torch.autograd.Function):
     """Encoder pre-activations at chosen features; the backward is sparse in the features.
 
@@ -207,12 +224,14 @@ class _GatherPreacts(torch.autograd.Function):
     """
 
     @staticmethod
+    @fp32_forward
     def forward(ctx, x_BD, W_enc_DF, b_enc_F, idx_BK, pre_BK, b_dec_D):  # type: ignore[override]
         ctx.save_for_backward(x_BD, W_enc_DF, idx_BK, b_dec_D)
         ctx.mark_non_differentiable(idx_BK)
         return pre_BK.clone()
 
     @staticmethod
+    @fp32_backward
     def backward(ctx, grad_BK):  # type: ignore[override]
         x_BD, W_enc_DF, idx_BK, b_dec_D = ctx.saved_tensors
         need_x, need_W, need_b, _, _, need_b_dec = ctx.needs_input_grad
@@ -260,12 +279,14 @@ class _SparseDecode(torch.autograd.Function):
     indices with a comparison sort, several times slower than the whole sparse step."""
 
     @staticmethod
+    @fp32_forward
     def forward(ctx, idx_BK, vals_BK, W_dec_FD):  # type: ignore[override]
         ctx.save_for_backward(idx_BK, vals_BK, W_dec_FD)
         ctx.mark_non_differentiable(idx_BK)
         return F.embedding_bag(idx_BK, W_dec_FD, per_sample_weights=vals_BK, mode="sum")
 
     @staticmethod
+    @fp32_backward
     def backward(ctx, grad_BD):  # type: ignore[override]
         idx_BK, vals_BK, W_dec_FD = ctx.saved_tensors
         _, need_vals, need_W = ctx.needs_input_grad
