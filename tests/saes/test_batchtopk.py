@@ -9,6 +9,7 @@ import torch
 from saelab.config import SAEConfig, TrainConfig
 from saelab.saes.batchtopk import BatchTopKSAE
 from saelab.training.trainer import Trainer
+from synthetic import sparse_stream
 
 D_IN, WIDTH, BATCH, K = 8, 48, 20, 4
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -170,24 +171,14 @@ def test_threshold_survives_dtype_casts_checkpoints_and_folder_name():
     assert SAEConfig(hook="h", architecture="batchtopk", k=16).folder_name == "h-batchtopk-x16-k16"
 
 
-def _sparse_stream(d_in: int, seed: int = 0, batch: int = 64):
-    """Sums of three of 64 fixed unit directions with random positive weights."""
-    g = torch.Generator().manual_seed(seed)
-    directions = torch.nn.functional.normalize(torch.randn(64, d_in, generator=g), dim=-1)
-    while True:
-        idx = torch.randint(0, 64, (batch, 3), generator=g)
-        coef = 3 * torch.rand(batch, 3, generator=g)
-        yield {"h": (coef[..., None] * directions[idx]).sum(1)}
-
-
 def test_trains_with_the_real_trainer():
     sae = BatchTopKSAE(SAEConfig(hook="h", architecture="batchtopk", width=64, k=4), 16, seed=0)
-    held_out = next(_sparse_stream(16, seed=99))["h"]
+    held_out = next(sparse_stream(16, seed=99))["h"]
     with torch.no_grad():
         before = sae.training_step(held_out).loss.item()
     sae.threshold.zero_()
     Trainer([sae], TrainConfig(tokens=30 * 64, batch_size=64, lr=1e-2), progress=False).fit(
-        _sparse_stream(16)
+        sparse_stream(16)
     )
     assert sae.threshold.item() > 0
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64))

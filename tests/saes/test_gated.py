@@ -12,6 +12,7 @@ from saelab.config import SAEConfig, TrainConfig
 from saelab.errors import SaelabError
 from saelab.saes.gated import GatedSAE
 from saelab.training.trainer import Trainer
+from synthetic import sparse_stream
 
 D_IN, WIDTH, BATCH = 6, 20, 16
 PARAMS = ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
@@ -163,27 +164,17 @@ def test_decoder_norm_follows_the_penalty():
         SAEConfig(architecture="gated", gated_penalty="l2")
 
 
-def _sparse_stream(d_in: int, seed: int = 0, batch: int = 64):
-    """Sums of three of 64 fixed unit directions with random positive weights."""
-    g = torch.Generator().manual_seed(seed)
-    directions = torch.nn.functional.normalize(torch.randn(64, d_in, generator=g), dim=-1)
-    while True:
-        idx = torch.randint(0, 64, (batch, 3), generator=g)
-        coef = 3 * torch.rand(batch, 3, generator=g)
-        yield {"h": (coef[..., None] * directions[idx]).sum(1)}
-
-
 @pytest.mark.parametrize("penalty", ["paper", "april"])
 def test_trains_with_the_real_trainer(penalty):
     cfg = SAEConfig(
         hook="h", architecture="gated", width=64, l1_coefficient=0.05, gated_penalty=penalty
     )
     sae = GatedSAE(cfg, 16, seed=0)
-    held_out = next(_sparse_stream(16, seed=99))["h"]
+    held_out = next(sparse_stream(16, seed=99))["h"]
     with torch.no_grad():
         before = sae.training_step(held_out).loss.item()
     train = TrainConfig(tokens=30 * 64, batch_size=64, lr=3e-3)
-    Trainer([sae], train, progress=False).fit(_sparse_stream(16))
+    Trainer([sae], train, progress=False).fit(sparse_stream(16))
     with torch.no_grad():
         after = sae.training_step(held_out)
     assert after.loss.item() < 0.5 * before

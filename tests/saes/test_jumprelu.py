@@ -11,6 +11,7 @@ import torch
 from saelab.config import SAEConfig, TrainConfig
 from saelab.saes.jumprelu import JumpReLUSAE, heaviside_step, jumprelu
 from saelab.training.trainer import Trainer
+from synthetic import sparse_stream
 
 D_IN, WIDTH, BATCH = 6, 20, 32
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -144,27 +145,17 @@ def test_folder_name_names_the_l0_coefficient():
     assert cfg.folder_name == "h-jumprelu-x16-l0_0.02"
 
 
-def _sparse_stream(d_in: int, seed: int = 0, batch: int = 64):
-    """Sums of three of 64 fixed unit directions with random positive weights."""
-    g = torch.Generator().manual_seed(seed)
-    directions = torch.nn.functional.normalize(torch.randn(64, d_in, generator=g), dim=-1)
-    while True:
-        idx = torch.randint(0, 64, (batch, 3), generator=g)
-        coef = 3 * torch.rand(batch, 3, generator=g)
-        yield {"h": (coef[..., None] * directions[idx]).sum(1)}
-
-
 def test_trains_with_the_real_trainer():
     cfg = SAEConfig(
         hook="h", architecture="jumprelu", width=64, l1_coefficient=0.01, jumprelu_bandwidth=0.05
     )
     sae = JumpReLUSAE(cfg, 16, seed=0)
-    held_out = next(_sparse_stream(16, seed=99))["h"]
+    held_out = next(sparse_stream(16, seed=99))["h"]
     theta_before = sae.threshold.detach().clone()
     with torch.no_grad():
         before = sae.training_step(held_out)
     Trainer([sae], TrainConfig(tokens=30 * 64, batch_size=64, lr=3e-3), progress=False).fit(
-        _sparse_stream(16)
+        sparse_stream(16)
     )
     with torch.no_grad():
         after = sae.training_step(held_out)

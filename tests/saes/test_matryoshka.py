@@ -11,6 +11,7 @@ from saelab.errors import SaelabError
 from saelab.saes.batchtopk import BatchTopKSAE
 from saelab.saes.matryoshka import MatryoshkaSAE
 from saelab.training.trainer import Trainer
+from synthetic import sparse_stream
 
 D_IN, WIDTH, BATCH, K = 8, 48, 20, 4
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -115,24 +116,14 @@ def test_widths_from_toml_and_flags_become_tuples(tmp_path):
         load_run_config(overrides={"sae.matryoshka_widths": "8,x"})
 
 
-def _sparse_stream(d_in: int, seed: int = 0, batch: int = 64):
-    """Sums of three of 64 fixed unit directions with random positive weights."""
-    g = torch.Generator().manual_seed(seed)
-    directions = torch.nn.functional.normalize(torch.randn(64, d_in, generator=g), dim=-1)
-    while True:
-        idx = torch.randint(0, 64, (batch, 3), generator=g)
-        coef = 3 * torch.rand(batch, 3, generator=g)
-        yield {"h": (coef[..., None] * directions[idx]).sum(1)}
-
-
 def test_trains_with_the_real_trainer():
     cfg = SAEConfig(hook="h", architecture="matryoshka", width=64, k=4)
     sae = MatryoshkaSAE(cfg, 16, seed=0)
-    held_out = next(_sparse_stream(16, seed=99))["h"]
+    held_out = next(sparse_stream(16, seed=99))["h"]
     with torch.no_grad():
         before = sae.training_step(held_out).losses["mse"].item()
     Trainer([sae], TrainConfig(tokens=30 * 64, batch_size=64, lr=1e-2), progress=False).fit(
-        _sparse_stream(16)
+        sparse_stream(16)
     )
     with torch.no_grad():
         after = sae.training_step(held_out).losses["mse"].item()
