@@ -116,8 +116,18 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs/sae", help="run folder (default runs/sae)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
-    ev = sub.add_parser("eval", help="metrics of a saved SAE; writes metrics.json beside it")
-    ev.add_argument("sae_dir", help="folder with cfg.json and sae_weights.safetensors")
+    ev = sub.add_parser(
+        "eval", help="metrics of saved SAEs; writes metrics.json beside each, eval_summary.json"
+    )
+    ev.add_argument(
+        "sae_dirs",
+        nargs="+",
+        metavar="SAE_DIR",
+        help="SAE folder(s) (cfg.json + weights), glob pattern(s) or run/sweep folder(s)",
+    )
+    ev.add_argument(
+        "--summary", help="where to write eval_summary.json (default: the folders' common parent)"
+    )
     ev.add_argument("--model", help="model (default: the one the SAE was trained on)")
     ev.add_argument("--dataset", help="evaluation text (default: the training text spec)")
     ev.add_argument("--tokens", type=_int, default=8192, help="evaluation tokens (default 8192)")
@@ -186,6 +196,30 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--hook", help="hook name to record, when SRC's is missing or raw")
     convert.add_argument("--output-hook", help="transcoders: the hook they predict")
 
+    transfer = sub.add_parser(
+        "transfer", help="evaluate SAEs on the same hook type at other layers; heatmaps"
+    )
+    transfer.add_argument("sae_dirs", nargs="+", metavar="SAE_DIR", help="saved SAE folders")
+    transfer.add_argument("--layers", required=True, help="layers to evaluate at: 2-10, 2,4,6 or 3")
+    transfer.add_argument("--model", help="model (default: the one the first SAE was trained on)")
+    transfer.add_argument("--dataset", help="evaluation text (default: the training text spec)")
+    transfer.add_argument(
+        "--tokens", type=_int, default=8192, help="evaluation tokens per cell (default 8192)"
+    )
+    transfer.add_argument("--context", type=_int, help="tokens per sequence (default: training's)")
+    transfer.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    transfer.add_argument(
+        "--out", default="runs/transfer", help="folder for transfer.json and heatmaps"
+    )
+
+    report = sub.add_parser(
+        "report", help="plots and an HTML page comparing saved SAEs (metrics, density, curves)"
+    )
+    report.add_argument("dirs", nargs="+", metavar="DIR", help="SAE folders or run/sweep folders")
+    report.add_argument(
+        "--out", default="report", metavar="REPORT_DIR", help="report folder (default report)"
+    )
+
     hooks = sub.add_parser("hooks", help="list a model's hook points with their widths")
     hooks.add_argument("model", nargs="?", default="default", help="model (default: 'default')")
     return parser
@@ -219,19 +253,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from saelab.evaluation.evaluate import evaluate_sae_dir, format_metrics_table
+    from saelab.evaluation.evaluate import evaluate_sae_dirs, format_summary_table
 
-    metrics = evaluate_sae_dir(
-        args.sae_dir,
+    summary = evaluate_sae_dirs(
+        args.sae_dirs,
         model_name=args.model,
         dataset=args.dataset,
         tokens=args.tokens,
         context=args.context,
         device=args.device,
         progress=not args.quiet,
+        summary_path=args.summary,
     )
-    print(format_metrics_table(metrics, title=f"metrics of {args.sae_dir}"))
-    print(f"written to {Path(args.sae_dir) / 'metrics.json'}")
+    seen = set()
+    for entry in summary["saes"]:
+        setting = (entry["model"], entry["dataset"], entry["context"])
+        if setting not in seen:
+            seen.add(setting)
+            ref = entry["reference_ce"]
+            print(
+                f"clean CE of {entry['model']} on {entry['dataset']} at context "
+                f"{entry['context']}: {entry['metrics']['ce_loss_clean']:.4f} nats"
+                f" (default text: {'n/a' if ref is None else f'{ref:.4f}'})"
+            )
+    print(format_summary_table(summary))
+    # The warnings themselves were logged as they arose; here only how many, and where.
+    if n_warnings := sum(len(entry["warnings"]) for entry in summary["saes"]):
+        print(f"{n_warnings} sanity warning(s) above, also under 'warnings' in the summary")
+    print(f"metrics.json and eval_info.json in each SAE folder; summary in {summary['path']}")
     return 0
 
 
@@ -291,6 +340,35 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    from saelab.evaluation.transfer import PLOTTED_KEYS, format_transfer_table, transfer_saes
+
+    result = transfer_saes(
+        args.sae_dirs,
+        args.layers,
+        model_name=args.model,
+        dataset=args.dataset,
+        tokens=args.tokens,
+        context=args.context,
+        device=args.device,
+        out=args.out,
+        progress=not args.quiet,
+    )
+    for metric in PLOTTED_KEYS:
+        print(format_transfer_table(result, metric))
+        print()
+    print(f"transfer.json and heatmaps in {args.out} (* = the SAE's own layer)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from saelab.evaluation.report import write_report
+
+    index = write_report(args.dirs, args.out)
+    print(f"report written to {index}")
+    return 0
+
+
 def _cmd_hooks(args: argparse.Namespace) -> int:
     from saelab.models.hookpoints import hook_dim, list_hooks
     from saelab.models.loading import load_model
@@ -320,6 +398,8 @@ COMMANDS = {
     "sweep": _cmd_sweep,
     "cache": _cmd_cache,
     "convert": _cmd_convert,
+    "report": _cmd_report,
+    "transfer": _cmd_transfer,
 }
 
 

@@ -35,6 +35,23 @@ class SpliceSums:
     kl_spliced: float = 0.0
     kl_ablated: float = 0.0
 
+    def add(
+        self,
+        scored_NP: Bool[Tensor, "N P"],
+        ce_clean_NP: Float[Tensor, "N P"],
+        ce_spliced_NP: Float[Tensor, "N P"],
+        ce_ablated_NP: Float[Tensor, "N P"],
+        kl_spliced_NP: Float[Tensor, "N P"],
+        kl_ablated_NP: Float[Tensor, "N P"],
+    ) -> None:
+        """Add one batch's per-position losses at the ``scored_NP`` positions."""
+        self.n_positions += int(scored_NP.sum())
+        self.ce_clean += float(ce_clean_NP[scored_NP].sum())
+        self.ce_spliced += float(ce_spliced_NP[scored_NP].sum())
+        self.ce_ablated += float(ce_ablated_NP[scored_NP].sum())
+        self.kl_spliced += float(kl_spliced_NP[scored_NP].sum())
+        self.kl_ablated += float(kl_ablated_NP[scored_NP].sum())
+
     def compute(self) -> dict[str, float]:
         n = max(self.n_positions, 1)
         clean, spliced, ablated = self.ce_clean / n, self.ce_spliced / n, self.ce_ablated / n
@@ -70,6 +87,34 @@ def kl_per_position(
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+def scored_positions(keep_NP: Bool[Tensor, "N P"]) -> Bool[Tensor, "N P"]:
+    """Positions replaced and with a next token to predict (the last column has none)."""
+    scored_NP = keep_NP.clone()
+    scored_NP[:, -1] = False
+    return scored_NP
+
+
+def clean_pass(
+    model: PreTrainedModel, tokens_NP: Int[Tensor, "N P"], hooks: list[str]
+) -> tuple[Float[Tensor, "N P V"], dict[str, Tensor]]:
+    """One unmodified forward pass: its logits and the activations at every hook in ``hooks``."""
+    with capture(model, hooks, stop=False) as acts:
+        logits_NPV = model(tokens_NP, use_cache=False).logits
+    return logits_NPV, dict(acts)
+
+
+def replaced_logits(
+    model: PreTrainedModel,
+    tokens_NP: Int[Tensor, "N P"],
+    hook: str,
+    keep_NP: Bool[Tensor, "N P"],
+    new_NPD: Tensor,
+) -> Float[Tensor, "N P V"]:
+    """Logits with ``hook``'s activation replaced by ``new_NPD`` at the kept positions."""
+    with patch(model, {hook: _replace_at(keep_NP, new_NPD)}):
+        return model(tokens_NP, use_cache=False).logits
+
+
 def _replace_at(keep_NP: Bool[Tensor, "N P"], new_NPD: Tensor):
     def fn(act_NPD: Tensor) -> Tensor:
         return torch.where(keep_NP[..., None], new_NPD.to(act_NPD.dtype), act_NPD)
@@ -96,21 +141,18 @@ def splice_batch(
     clean pass captures both: the spliced pass changes nothing before ``hook``, so an input hook
     that fires earlier sees exactly the clean activations there too.
     """
-    with capture(model, [hook] if input_hook is None else [hook, input_hook], stop=False) as acts:
-        clean_NPV = model(tokens_NP, use_cache=False).logits
+    hooks = [hook] if input_hook is None else [hook, input_hook]
+    clean_NPV, acts = clean_pass(model, tokens_NP, hooks)
     x_NPD = acts[hook]
     recon_NPD = reconstruct(x_NPD if input_hook is None else acts[input_hook])
-    with patch(model, {hook: _replace_at(keep_NP, recon_NPD)}):
-        spliced_NPV = model(tokens_NP, use_cache=False).logits
-    with patch(model, {hook: _replace_at(keep_NP, torch.zeros_like(x_NPD))}):
-        ablated_NPV = model(tokens_NP, use_cache=False).logits
-    # Positions replaced and with a next token to predict.
-    scored_NP = keep_NP.clone()
-    scored_NP[:, -1] = False
-    sums.n_positions += int(scored_NP.sum())
-    sums.ce_clean += float(next_token_ce(clean_NPV, tokens_NP)[scored_NP].sum())
-    sums.ce_spliced += float(next_token_ce(spliced_NPV, tokens_NP)[scored_NP].sum())
-    sums.ce_ablated += float(next_token_ce(ablated_NPV, tokens_NP)[scored_NP].sum())
-    sums.kl_spliced += float(kl_per_position(clean_NPV, spliced_NPV)[scored_NP].sum())
-    sums.kl_ablated += float(kl_per_position(clean_NPV, ablated_NPV)[scored_NP].sum())
+    spliced_NPV = replaced_logits(model, tokens_NP, hook, keep_NP, recon_NPD)
+    ablated_NPV = replaced_logits(model, tokens_NP, hook, keep_NP, torch.zeros_like(x_NPD))
+    sums.add(
+        scored_positions(keep_NP),
+        next_token_ce(clean_NPV, tokens_NP),
+        next_token_ce(spliced_NPV, tokens_NP),
+        next_token_ce(ablated_NPV, tokens_NP),
+        kl_per_position(clean_NPV, spliced_NPV),
+        kl_per_position(clean_NPV, ablated_NPV),
+    )
     return x_NPD

@@ -131,3 +131,36 @@ class ReconstructionStats:
             "frac_dead": float((self.fired_F == 0).double().mean()),
             "frac_dense": float((density > DENSE_THRESHOLD).double().mean()),
         }
+
+
+FREQ_THRESHOLDS = {"freq_over_1_percent": 0.01, "freq_over_10_percent": 0.1}
+"""SAEBench's high-frequency counts: the share of features with density above each threshold."""
+
+
+def frequency_metrics(density_F: Float[Tensor, " F"]) -> dict[str, float]:
+    """``freq_over_1_percent`` and ``freq_over_10_percent`` of feature densities (METHODS §6.3)."""
+    return {
+        name: float((density_F > threshold).double().mean())
+        for name, threshold in FREQ_THRESHOLDS.items()
+    }
+
+
+@torch.no_grad()
+def max_decoder_cos(W_dec_FD: Float[Tensor, "F D"], chunk: int = 1024) -> float:
+    """max_i max_{j≠i} |cos(d_i, d_j)| over decoder rows (SAEBench's max decoder cosine).
+
+    Rows are compared ``chunk`` at a time against all others, so memory stays at
+    ``chunk × F`` floats rather than ``F × F`` (16k features would need 1 GiB at once).
+    A zero row has cosine 0 with everything. Fewer than two rows give 0.
+    """
+    n_features = W_dec_FD.shape[0]
+    if n_features < 2:
+        return 0.0
+    unit_FD = W_dec_FD.float() / W_dec_FD.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    best = 0.0
+    for start in range(0, n_features, chunk):
+        cos_CF = (unit_FD[start : start + chunk] @ unit_FD.T).abs()
+        rows = torch.arange(cos_CF.shape[0], device=cos_CF.device)
+        cos_CF[rows, rows + start] = 0.0  # a row's cosine with itself is not a duplicate
+        best = max(best, float(cos_CF.max()))
+    return best
