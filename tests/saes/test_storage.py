@@ -272,3 +272,18 @@ def test_cli_eval_on_truncated_folder_is_a_one_line_error(tmp_path):
     assert lines[0].startswith("saelab: error:")
     assert "Traceback" not in proc.stderr and WEIGHTS_FILENAME in lines[0]
     assert _files(directory) == {CFG_FILENAME, WEIGHTS_FILENAME}  # no metrics.json written
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the result gets the mode open() would give."""
+    import stat
+
+    from saelab import atomic
+    from saelab.config import SAEConfig as _Cfg
+    from saelab.saes import TopKSAE as _TopK
+    from saelab.saes.storage import save_sae as _save
+
+    _save(_TopK(_Cfg(k=2), d_in=8), tmp_path / "sae")
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        mode = stat.S_IMODE((tmp_path / "sae" / name).stat().st_mode)
+        assert mode == 0o666 & ~atomic._UMASK, oct(mode)
