@@ -8,10 +8,8 @@ subprocess's cost). Every bad input must give exit status 2 and one ``saelab: er
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -19,6 +17,7 @@ from saelab.cli import main
 from saelab.data.cache import INDEX_FILENAME
 from saelab.evaluation.evaluate import METRIC_KEYS
 from saelab.training.sweep import SUMMARY_FILENAME
+from saelab_cli import run_saelab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_thread")]
 
@@ -56,19 +55,7 @@ expansion = 2
 
 
 def saelab(*args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",  # as one_thread does in-process
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "saelab", "-q", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    return run_saelab(*args, env={"OMP_NUM_THREADS": "1"})  # as one_thread does in-process
 
 
 @pytest.fixture(scope="module")

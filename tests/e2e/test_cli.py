@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from saelab.evaluation.evaluate import METRIC_KEYS
+from saelab_cli import one_line_error
+from saelab_cli import run_saelab as saelab
 
 pytestmark = pytest.mark.e2e
 
 HOOK = "blocks.1.hook_resid_post"
 FOLDER = f"{HOOK}-topk-x4-k8"
-
-
-def saelab(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, "-m", "saelab", "-q", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=600,
-    )
 
 
 def train_args(model_dir, text, out, *extra):
@@ -101,15 +87,6 @@ def test_resume_continues_to_the_same_result(tiny_model_dir, words_file, tmp_pat
     second = load_file(out / FOLDER / "sae_weights.safetensors")
     for name, tensor in first.items():
         assert torch.equal(tensor, second[name]), name
-
-
-def one_line_error(done: subprocess.CompletedProcess) -> str:
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("saelab: error:")
-    assert "Traceback" not in done.stderr
-    return lines[0]
 
 
 def test_unknown_hook_lists_the_valid_ones(tiny_model_dir, words_file, tmp_path):

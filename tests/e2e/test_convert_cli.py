@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from safetensors.torch import save_file
 from saelab.config import SAEConfig
 from saelab.saes import ReLUSAE, SparseAutoencoder, TopKSAE
 from saelab.saes.storage import load_sae, save_sae
+from saelab_cli import run_saelab
 
 pytestmark = pytest.mark.e2e
 
@@ -24,14 +23,7 @@ HOOK = "blocks.1.hook_resid_post"
 
 
 def saelab(*args: str | Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "saelab", "-q", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    return run_saelab(*args, timeout=300)
 
 
 def trained_looking(arch: str) -> SparseAutoencoder:

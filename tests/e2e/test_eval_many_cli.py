@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from saelab.config import SAEConfig
 from saelab.evaluation.evaluate import EXTRA_KEYS, METRIC_KEYS, SUMMARY_FILENAME
 from saelab.saes import TopKSAE
 from saelab.saes.storage import save_sae
+from saelab_cli import run_saelab
 from tiny_models import D_MODEL
 
 pytestmark = pytest.mark.e2e
@@ -22,19 +21,7 @@ HOOKS = ("blocks.0.hook_resid_post", "blocks.0.hook_resid_post", "blocks.1.hook_
 
 
 def saelab(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "SAELAB_CACHE_DIR": str(cache),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "saelab", "-q", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    return run_saelab(*args, env={"SAELAB_CACHE_DIR": str(cache)})
 
 
 @pytest.fixture

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,22 +12,12 @@ from saelab.cli import main
 from saelab.evaluation.evaluate import METRIC_KEYS
 from saelab.saes import TopKSkipTranscoder
 from saelab.saes.storage import load_sae
+from saelab_cli import run_saelab as saelab
 
 pytestmark = pytest.mark.e2e
 
 IN_HOOK, OUT_HOOK = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
 FOLDER = f"{IN_HOOK}-topk_skip_transcoder-x4-k8"
-
-
-def saelab(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, "-m", "saelab", "-q", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
 
 
 def train_args(model_dir: Path, text: Path, out: Path, *extra: str) -> list[str]:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from saelab.evaluation.report import (
 )
 from saelab.saes import ReLUSAE, TopKSAE
 from saelab.saes.storage import save_sae
+from saelab_cli import run_saelab
 
 HOOK = "blocks.1.hook_resid_post"
 EVIL = "relu-<script>alert(1)<script>"
@@ -173,14 +172,7 @@ def test_pareto_front_matches_the_definition_on_random_points(maximize_y: bool):
 
 
 def _saelab(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run(
-        [sys.executable, "-m", "saelab", "-q", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    return run_saelab(*args, env={"TRANSFORMERS_OFFLINE": "1"}, timeout=120)
 
 
 @pytest.mark.e2e  # the real `python -m saelab` process: a few seconds of imports

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from saelab.evaluation.transfer import (
 )
 from saelab.saes import TopKSAE
 from saelab.saes.storage import save_sae
+from saelab_cli import run_saelab
 from tiny_models import N_LAYERS, build_tiny_model, build_tiny_tokenizer
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
@@ -153,14 +152,7 @@ def test_transfer_saes_writes_json_and_non_blank_heatmaps(sae_dir, tmp_path):
 
 
 def saelab(*args: str | Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "saelab", "-q", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    return run_saelab(*args, env={"OMP_NUM_THREADS": "1"}, timeout=120)
 
 
 @pytest.mark.e2e
