@@ -267,6 +267,11 @@ class SparseAutoencoder(nn.Module, ABC):
             return sparse_decode(feats.idx_BK, feats.vals_BK, self.W_dec) + self.b_dec
         return feats.to_dense() @ self.W_dec + self.b_dec
 
+    def _target(self, x_BD: Tensor, target_BD: Tensor | None) -> Tensor:
+        """What the step reconstructs: an autoencoder its input (a transcoder overrides this
+        to require its output hook's activations)."""
+        return x_BD
+
     def predict_normalised(self, x_BD: Float[Tensor, "B D"], feats: FeatureActs) -> Tensor:
         """What the SAE outputs for normalised inputs and their features, in training units:
         the reconstruction ``[B, D]``; a transcoder's prediction ``[B, O]`` of its output hook

@@ -122,28 +122,31 @@ class TopKSAE(SparseAutoencoder):
         self,
         x_BD: Float[Tensor, "B D"],
         *,
+        target_BD: Float[Tensor, "B O"] | None = None,
         penalty_scale: float = 1.0,
         dead_F: Tensor | None = None,
     ) -> TrainStepOutput:
+        # A transcoder subclass predicts its output hook (y ≠ x, width d_out); this step is its.
+        y_BO = self._target(x_BD, target_BD)
         use_aux = dead_F is not None and self.cfg.aux_coefficient > 0 and bool(dead_F.any())
         dead_idx = k_aux = None
         if use_aux:
             dead_idx = dead_F.nonzero().squeeze(-1)
-            k_aux = min(self.cfg.k_aux_for(self.d_in), dead_idx.numel())
+            k_aux = min(self.cfg.k_aux_for(self.d_out), dead_idx.numel())
         top_BK, idx_BK, aux_top_BA, aux_idx_BA = self._rank(
             x_BD, min(self.cfg.k, self.d_sae), dead_idx, k_aux or 0
         )
         feats = self._feats(x_BD, idx_BK, top_BK)
-        recon_BD = sparse_decode(feats.idx_BK, feats.vals_BK, self.W_dec) + self.b_dec
-        mse = mse_per_token(recon_BD, x_BD)
+        recon_BO = self.predict_normalised(x_BD, feats)
+        mse = mse_per_token(recon_BO, y_BO)
         losses = {"mse": mse.detach()}
         loss = mse
         if use_aux:
             aux = self._feats(x_BD, aux_idx_BA, aux_top_BA)
-            auxk = self._auxk_loss(aux, (x_BD - recon_BD).detach())
+            auxk = self._auxk_loss(aux, (y_BO - recon_BO).detach())
             losses["auxk"] = auxk.detach()
             loss = loss + self.cfg.aux_coefficient * auxk
-        return TrainStepOutput(loss=loss, losses=losses, recon_BD=recon_BD, feats=feats)
+        return TrainStepOutput(loss=loss, losses=losses, recon_BD=recon_BO, feats=feats)
 
     def _auxk_loss(self, aux: SparseFeatureActs, residual_BD: Tensor) -> Tensor:
         residual_hat_BD = sparse_decode(aux.idx_BK, aux.vals_BK, self.W_dec)
