@@ -11,6 +11,10 @@ the same batches in the same process, and ``ratio_vs_<peer>`` = our vectors/s ÷
 Example::
 
     python benchmarks/train_step.py --arch topk --steps 8 --warmup 2 --threads 2 --peers
+    python benchmarks/train_step.py --arch topk --device cuda --batch-size 16384 --peers
+
+On CUDA every phase is bracketed by ``torch.cuda.synchronize()`` so the breakdown measures kernels,
+not launches; SAELens is skipped there unless it is importable.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peers", action="store_true", help="also time SAELens / sparsify")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--autocast-bf16", action="store_true", help="CUDA: the trainer's bf16 autocast option"
+    )
     p.add_argument(
         "--bf16-encoder",
         action="store_true",
@@ -77,16 +85,26 @@ def make_batches(args: argparse.Namespace) -> list[torch.Tensor]:
     for _ in range(N_BATCHES):
         x_BD = torch.randn(args.batch_size, args.d_in, generator=g)
         batches.append(x_BD * (args.d_in**0.5 / x_BD.norm(dim=-1).mean()))
-    return batches
+    return [x_BD.to(args.device) for x_BD in batches]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def build_trainer(args: argparse.Namespace, batches: list[torch.Tensor]) -> Trainer:
     cfg = SAEConfig(hook=HOOK, architecture=args.arch, expansion=args.expansion, k=args.k)
     sae: SparseAutoencoder = architecture_class(args.arch)(cfg, args.d_in, seed=args.seed)
+    sae.to(args.device)
     if args.bf16_encoder:
         sae.bf16_encoder = True
     # Enough tokens that the timed steps sit on the flat part of the learning-rate schedule.
-    train_cfg = TrainConfig(tokens=args.batch_size * 10_000, batch_size=args.batch_size)
+    train_cfg = TrainConfig(
+        tokens=args.batch_size * 10_000,
+        batch_size=args.batch_size,
+        autocast_bf16=args.autocast_bf16,
+    )
     trainer = Trainer([sae], train_cfg, None, progress=False, tensorboard=False)
     trainer._init_from_first_batch({HOOK: batches[0]}, None)
     if args.relu_l0 is not None and args.arch == "relu":
@@ -105,16 +123,19 @@ def _page_faults() -> int:
 class PhaseTimer:
     """Accumulates wall time and page faults per named phase within one step."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
         self.current: dict[str, float] = defaultdict(float)
         self.faults: dict[str, int] = defaultdict(int)
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*a: Any, **kw: Any) -> Any:
+            _sync(self.device)
             faults, start = _page_faults(), time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
+                _sync(self.device)
                 self.current[name] += time.perf_counter() - start
                 self.faults[name] += _page_faults() - faults
 
@@ -158,7 +179,7 @@ def phases_timed(trainer: Trainer, timer: PhaseTimer) -> Iterator[None]:
 def time_saelab(args: argparse.Namespace, batches: list[torch.Tensor]) -> dict[str, Any]:
     trainer = build_trainer(args, batches)
     state = trainer.states[0]
-    timer = PhaseTimer()
+    timer = PhaseTimer(args.device)
     totals: list[float] = []
     faults: list[int] = []
     per_phase: dict[str, list[float]] = defaultdict(list)
@@ -166,8 +187,10 @@ def time_saelab(args: argparse.Namespace, batches: list[torch.Tensor]) -> dict[s
     with phases_timed(trainer, timer):
         for i in range(args.warmup + args.steps):
             x_BD = batches[i % len(batches)]
+            _sync(args.device)
             faults_before, start = _page_faults(), time.perf_counter()
             trainer._train_step(state, x_BD)
+            _sync(args.device)
             elapsed = time.perf_counter() - start
             step_faults = _page_faults() - faults_before
             trainer.step += 1
@@ -203,10 +226,14 @@ def profile_steps(trainer: Trainer, batches: list[torch.Tensor]) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     state = trainer.states[0]
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    on_gpu = batches[0].device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
         for x_BD in batches[:2]:
             trainer._train_step(state, x_BD)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        _sync(str(batches[0].device))
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=30)
     print(table, file=sys.stderr)
 
 
@@ -216,8 +243,10 @@ def profile_steps(trainer: Trainer, batches: list[torch.Tensor]) -> None:
 def _median_step_s(step: Callable[[torch.Tensor], None], args, batches) -> float:
     totals = []
     for i in range(args.warmup + args.steps):
+        _sync(args.device)
         start = time.perf_counter()
         step(batches[i % len(batches)])
+        _sync(args.device)
         if i >= args.warmup:
             totals.append(time.perf_counter() - start)
     return statistics.median(totals)
@@ -241,9 +270,10 @@ def time_saelens(args: argparse.Namespace, batches: list[torch.Tensor]) -> float
     else:
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=args.d_in, d_sae=d_sae))
         coefficients = {"l1": 5.0}
+    sae.to(args.device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    since_fired_F = torch.zeros(d_sae)
-    dead_F = torch.zeros(d_sae, dtype=torch.bool)
+    since_fired_F = torch.zeros(d_sae, device=args.device)
+    dead_F = torch.zeros(d_sae, dtype=torch.bool, device=args.device)
 
     def step(x_BD: torch.Tensor) -> None:
         out = sae.training_forward_pass(
@@ -287,13 +317,14 @@ def time_sparsify(args: argparse.Namespace, batches: list[torch.Tensor]) -> floa
     except (ImportError, FileNotFoundError) as exc:
         return f"fused_encoder not loadable: {exc}"
     d_sae = args.d_in * args.expansion
-    W_enc_FD = torch.nn.Parameter(torch.randn(d_sae, args.d_in) / args.d_in**0.5)
-    b_enc_F = torch.nn.Parameter(torch.zeros(d_sae))
+    device = args.device
+    W_enc_FD = torch.nn.Parameter(torch.randn(d_sae, args.d_in, device=device) / args.d_in**0.5)
+    b_enc_F = torch.nn.Parameter(torch.zeros(d_sae, device=device))
     W_dec_FD = torch.nn.Parameter(W_enc_FD.detach().clone())
-    b_dec_D = torch.nn.Parameter(torch.zeros(args.d_in))
+    b_dec_D = torch.nn.Parameter(torch.zeros(args.d_in, device=device))
     params = [W_enc_FD, b_enc_F, W_dec_FD, b_dec_D]
     opt = torch.optim.Adam(params, lr=1e-4)
-    since_fired_F = torch.zeros(d_sae, dtype=torch.long)
+    since_fired_F = torch.zeros(d_sae, dtype=torch.long, device=device)
 
     def step(x_BD: torch.Tensor) -> None:
         top_acts, top_idx, _ = fused.fused_encoder(
@@ -332,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
         "bf16_encoder": args.bf16_encoder,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "autocast_bf16": args.autocast_bf16,
         "l0": ours.pop("l0"),
         **ours,
         "torch": torch.__version__,

@@ -43,6 +43,8 @@ from saelab.saes.sparse_ops import (
 
 _BLOCK_ELEMENTS = 1 << 22
 """Rows per block are chosen so a float32 ``[rows, F]`` block is 16 MB."""
+_GPU_BLOCK_ELEMENTS = 1 << 28
+"""On a GPU: one block of up to 1 GiB, so only very large batches × widths are split."""
 
 SPARSE_MAX_DENSITY = 0.1
 """A block in which at most this share of activations fire takes the sparse path. Measured on
@@ -95,7 +97,7 @@ class _ReLUBody(torch.autograd.Function):
         fired_F = torch.zeros(d_sae, dtype=torch.int64, device=x_BD.device)
         l0_B = torch.empty(batch, dtype=torch.int64, device=x_BD.device)
         sparse_blocks: list[_SparseBlock | None] = []
-        for rows in _row_blocks(batch, d_sae):
+        for rows in _row_blocks(batch, d_sae, x_BD.device):
             acts_bF = acts_BF[rows]
             torch.clamp_min(dense_mm(sae_in_BD[rows], W_enc_DF, b_enc_F), 0, out=acts_bF)
             active_bF = acts_bF > 0
@@ -137,7 +139,8 @@ class _ReLUBody(torch.autograd.Function):
         grad_b_enc_F = acts_BF.new_zeros(d_sae)
         if need_x:
             grad_x = torch.empty_like(x_BD)
-        for rows, block in zip(_row_blocks(batch, d_sae), ctx.sparse_blocks, strict=True):
+        blocks = _row_blocks(batch, d_sae, x_BD.device)
+        for rows, block in zip(blocks, ctx.sparse_blocks, strict=True):
             g_recon_bD = None if g_recon_BD is None else g_recon_BD[rows]
             if block is not None:
                 gpre_N = _grad_preacts_sparse(block, g_recon_bD, W_dec_FD, g_acts_sum_F)
@@ -224,8 +227,10 @@ def _grad_preacts_sparse(
     return gpre_N
 
 
-def _row_blocks(batch: int, d_sae: int) -> list[slice]:
-    rows = max(1, _BLOCK_ELEMENTS // d_sae)
+def _row_blocks(batch: int, d_sae: int, device: torch.device) -> list[slice]:
+    # On a GPU, blocks sized for a CPU cache only add launches and host syncs.
+    elements = _BLOCK_ELEMENTS if device.type == "cpu" else _GPU_BLOCK_ELEMENTS
+    rows = max(1, elements // d_sae)
     return [slice(start, start + rows) for start in range(0, batch, rows)]
 
 

@@ -42,6 +42,9 @@ from saelab.saes.sparse_ops import (
 
 _BLOCK_ELEMENTS = 1 << 21
 """Pre-activations are ranked per block of about this many (8 MB in float32), while in cache."""
+_GPU_BLOCK_ELEMENTS = 1 << 28
+"""On a GPU cache blocking buys nothing and small blocks starve the device: one block of up to
+1 GiB (float32), so only very large batches × widths are split."""
 _MIN_BLOCK_ROWS = 64
 
 
@@ -82,7 +85,8 @@ class TopKSAE(SparseAutoencoder):
                 # Rank by a bf16 GEMM with spare candidates, then re-rank those in float32.
                 in_BD, W_enc_DF, b_enc_F = in_BD.bfloat16(), W_enc_DF.bfloat16(), b_enc_F.bfloat16()
                 k_rank = min(k + (k + 1) // 2, self.d_sae)
-            rows = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // self.d_sae)
+            block = _BLOCK_ELEMENTS if in_BD.device.type == "cpu" else _GPU_BLOCK_ELEMENTS
+            rows = max(_MIN_BLOCK_ROWS, block // self.d_sae)
             tops, idxs, aux_tops, aux_idxs = [], [], [], []
             for start in range(0, max(in_BD.shape[0], 1), rows):  # one (empty) block if B = 0
                 pre_bF = dense_mm(in_BD[start : start + rows], W_enc_DF, b_enc_F)
