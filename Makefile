@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.saelab-installed
 DEMO   ?= runs/demo
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean browser
 
 install: $(STAMP)
 
@@ -25,10 +25,25 @@ demo: $(STAMP)
 	$(VENV)/bin/saelab eval $(DEMO)/blocks.6.hook_resid_post-topk-x16-k32 --tokens 8192
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 
-test: $(STAMP) lint
+# Headless Chromium and its WebDriver (Debian packages) for the dashboard's browser tests;
+# installed only when missing.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	elif command -v sudo >/dev/null 2>&1; then \
+		sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "make browser: chromium and chromium-driver are missing and this user cannot install them;" \
+			"run as root: apt-get install chromium chromium-driver" >&2; \
+		exit 1; \
+	fi
+
+test: $(STAMP) lint browser
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)

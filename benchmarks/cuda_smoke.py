@@ -84,6 +84,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/saelab-cuda-smoke", help="scratch folder")
     p.add_argument("--device", default="cuda", help="cpu only to try this script without a GPU")
+    p.add_argument("--archs", help="comma-separated architectures (default: all)")
     args = p.parse_args()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -93,7 +94,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     model_dir, text = build_inputs(work)
     results: list[bool] = []
-    for arch in sorted(ARCHITECTURES):
+    for arch in args.archs.split(",") if args.archs else sorted(ARCHITECTURES):
         for autocast in (False, True) if device == "cuda" else (False,):
             out = work / f"{arch}{'-bf16' if autocast else ''}"
             extra = ["--set", "train.autocast_bf16=true"] if autocast else []

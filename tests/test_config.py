@@ -127,6 +127,7 @@ def test_dump_roundtrips_every_field_set_away_from_its_default(tmp_path):
             resample_sample_tokens=1000,
             resample_weighting="uniform",
             resample_lr_warmup_steps=20,
+            distributed="sae",
         ),
     }
     for cls, obj in changed.items():

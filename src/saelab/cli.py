@@ -46,6 +46,11 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
         str,
         "train from this activation cache (saelab cache) instead of running the model",
     ),
+    "--dist-mode": (
+        "train.distributed",
+        str,
+        "under torchrun: ddp (each process takes a share of every batch) or sae (of the SAEs)",
+    ),
 }
 
 SWEEP_FLAGS = (
@@ -55,6 +60,7 @@ SWEEP_FLAGS = (
     "--seed",
     "--device",
     "--checkpoint-every",
+    "--dist-mode",
 )
 """Flags of ``train`` that ``sweep`` shares; its SAEs come from the [[sae]] tables."""
 
@@ -79,7 +85,13 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 def _add_config_flags(parser: argparse.ArgumentParser, flags: Iterable[str]) -> None:
     """One option per flag of :data:`TRAIN_FLAGS`, stored under its config key."""
-    choices = {"--arch": sorted(ARCHITECTURES), "--device": ["cpu", "cuda"]}
+    from saelab.config import DIST_MODES
+
+    choices = {
+        "--arch": sorted(ARCHITECTURES),
+        "--device": ["cpu", "cuda"],
+        "--dist-mode": list(DIST_MODES),
+    }
     for flag in flags:
         key, kind, help_text = TRAIN_FLAGS[flag]
         parser.add_argument(
@@ -220,6 +232,175 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default="report", metavar="REPORT_DIR", help="report folder (default report)"
     )
 
+    feats = sub.add_parser(
+        "features", help="per-feature statistics of a saved SAE over a text (for the dashboard)"
+    )
+    feats.add_argument("sae_dir", metavar="SAE_DIR", help="saved SAE folder (cfg.json + weights)")
+    feats.add_argument("--tokens", type=_int, default=65_536, help="tokens to read (default 65536)")
+    feats.add_argument("--out", help="output folder (default SAE_DIR/features)")
+    feats.add_argument("--context", type=_int, default=128, help="tokens per sequence (128)")
+    feats.add_argument("--top-k", type=_int, default=20, help="top examples per feature (20)")
+    feats.add_argument("--model", help="model (default: the one the SAE was trained on)")
+    feats.add_argument(
+        "--data", "--dataset", dest="data", help="text (default: the SAE's training text spec)"
+    )
+    feats.add_argument("--batch-size", type=_int, default=16, help="sequences per forward (16)")
+    feats.add_argument("--seed", type=_int, default=0, help="seed for text order and sampling")
+    feats.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+    dashboard = sub.add_parser(
+        "dashboard", help="static HTML site of an SAE's features (index + one page per feature)"
+    )
+    dashboard.add_argument("sae_dir", metavar="SAE_DIR", help="saved SAE folder")
+    dashboard.add_argument("--out", required=True, metavar="DIR", help="site folder to write")
+    dashboard.add_argument(
+        "--stats",
+        metavar="STATS_DIR",
+        help="use these feature statistics (default SAE_DIR/features, computed when missing)",
+    )
+    dashboard.add_argument(
+        "--recompute", action="store_true", help="compute the statistics even where they exist"
+    )
+    pages = dashboard.add_mutually_exclusive_group()
+    pages.add_argument(
+        "--features", metavar="IDS", help="pages only for these features, e.g. 0-99,200"
+    )
+    pages.add_argument(
+        "--top", type=_int, metavar="N", help="pages only for the N densest features"
+    )
+    dashboard.add_argument(
+        "--tokens", type=_int, metavar="N", help="when computing statistics: tokens (65536)"
+    )
+    dashboard.add_argument(
+        "--context", type=_int, metavar="N", help="when computing: tokens per sequence"
+    )
+    dashboard.add_argument("--model", metavar="NAME", help="when computing: model (the SAE's)")
+    dashboard.add_argument(
+        "--data", "--dataset", dest="data", metavar="SPEC", help="when computing: text (the SAE's)"
+    )
+    dashboard.add_argument("--top-k", type=_int, metavar="K", help="when computing: examples (20)")
+    dashboard.add_argument(
+        "--batch-size", type=_int, metavar="N", help="when computing: sequences per forward (16)"
+    )
+    dashboard.add_argument("--seed", type=_int, metavar="S", help="when computing: seed (0)")
+    dashboard.add_argument("--device", choices=["cpu", "cuda"], help="when computing: device")
+
+    serve = sub.add_parser("serve", help="serve a dashboard folder on localhost")
+    serve.add_argument("dir", metavar="DIR", help="dashboard folder (saelab dashboard --out)")
+    serve.add_argument("--port", type=_int, default=8000, help="port (default 8000; 0: any)")
+    serve.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+
+    from saelab.config import SAE_UNITS, STEERING_METHODS, STEERING_POSITIONS
+
+    steer = sub.add_parser(
+        "steer", help="build a steering vector, sweep coefficients: effect, cost, generations"
+    )
+    how = steer.add_argument_group("the vector (--method, or --vector)")
+    how.add_argument("--method", choices=STEERING_METHODS, help="how to build the vector")
+    how.add_argument("--vector", metavar="DIR", help="use a saved vector (OUT/vector of a run)")
+    how.add_argument(
+        "--hook", help="where to build and apply it (blocks.6.hook_resid_post; SAE: its own)"
+    )
+    how.add_argument("--pairs", metavar="JSONL", help="caa: {prompt, positive, negative} lines")
+    how.add_argument(
+        "--answer-offset", type=int, default=-1, help="caa: answer token from the end (-1 = last)"
+    )
+    how.add_argument("--positive", metavar="TEXT", help="actadd: prompt steered towards")
+    how.add_argument("--negative", metavar="TEXT", help="actadd: prompt steered away from")
+    how.add_argument("--target", metavar="SPEC", help="mean: text whose mean activation is wanted")
+    how.add_argument(
+        "--general", default="default", metavar="SPEC", help="mean, SAE units: general text"
+    )
+    how.add_argument(
+        "--tokens", type=_int, default=4096, help="mean, SAE units: tokens of each text (4096)"
+    )
+    how.add_argument("--sae", metavar="SAE_DIR", help="sae-feature, sae-clamp: the SAE folder")
+    how.add_argument("--feature", type=int, help="sae-feature, sae-clamp: the feature index")
+    how.add_argument(
+        "--sae-units", choices=SAE_UNITS, default="max_act", help="what coefficient 1 means"
+    )
+    how.add_argument(
+        "--max-act", type=float, help="the feature's max activation if known (else measured)"
+    )
+    use = steer.add_argument_group("the sweep")
+    use.add_argument("--model", default="default", help=TRAIN_FLAGS["--model"][2])
+    use.add_argument(
+        "--coefs",
+        nargs="+",
+        type=_floats,
+        default=None,
+        metavar="C",
+        help="coefficients: --coefs -4 -2 0 2 4 or --coefs=-4,-2,0,2,4 (default -4,-2,-1,0,1,2,4)",
+    )
+    use.add_argument(
+        "--positions", choices=STEERING_POSITIONS, help="where to add it (all; ActAdd: front)"
+    )
+    use.add_argument("--eval", metavar="JSONL", help="{prompt, target, contrast} lines to score")
+    use.add_argument("--neutral", default="default", metavar="SPEC", help="text the cost is on")
+    use.add_argument(
+        "--neutral-tokens", type=_int, default=1024, help="neutral tokens (1024; 0: no cost)"
+    )
+    use.add_argument("--context", type=_int, default=128, help="tokens per text row (128)")
+    use.add_argument(
+        "--generate", action="append", default=[], metavar="PROMPT", help="continue PROMPT"
+    )
+    use.add_argument("--max-new-tokens", type=_int, default=30, help="tokens generated (30)")
+    use.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    use.add_argument("--temperature", type=float, default=1.0, help="with --sample (1.0)")
+    use.add_argument("--top-p", type=float, default=1.0, help="with --sample (1.0)")
+    use.add_argument("--seed", type=_int, default=0, help="sampling and text order (0)")
+    use.add_argument("--transfer-layers", metavar="LAYERS", help="also at layers 4-8 or 2,4,6")
+    use.add_argument("--transfer-model", metavar="NAME", help="also on this model (same width)")
+    use.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    use.add_argument("--out", default="runs/steer", help="output folder (default runs/steer)")
+
+    from saelab.config import ABLATIONS, CIRCUIT_METHODS, KEEP_PER, RANK_BY, CircuitConfig
+
+    circ_defaults = CircuitConfig()
+    circuit = sub.add_parser(
+        "circuit", help="feature attributions, top-k keeping and faithfulness on a task (IOI)"
+    )
+    circuit.add_argument(
+        "--task", default=circ_defaults.task, help="'ioi' or a .jsonl of prompt/correct/incorrect"
+    )
+    circuit.add_argument(
+        "--sae", nargs="+", required=True, metavar="SAE_DIR", help="SAE folder(s), one per hook"
+    )
+    circuit.add_argument("--k", type=_int, default=circ_defaults.k, help="features kept (10)")
+    circuit.add_argument("--model", help="model (default: the one the SAE was trained on)")
+    circuit.add_argument(
+        "--n-prompts", type=_int, default=circ_defaults.n_prompts, help="prompts (32)"
+    )
+    circuit.add_argument(
+        "--method", default=circ_defaults.method, choices=CIRCUIT_METHODS, help="attribution"
+    )
+    circuit.add_argument(
+        "--ig-steps", type=_int, default=circ_defaults.ig_steps, help="IG steps (10)"
+    )
+    circuit.add_argument(
+        "--ablation",
+        default=circ_defaults.ablation,
+        choices=ABLATIONS,
+        help="faithfulness: features outside C",
+    )
+    circuit.add_argument(
+        "--ablate-errors", action="store_true", help="faithfulness: ablate error nodes too"
+    )
+    circuit.add_argument(
+        "--keep-per", default=circ_defaults.keep_per, choices=KEEP_PER, help="top-k per"
+    )
+    circuit.add_argument(
+        "--rank-by", default=circ_defaults.rank_by, choices=RANK_BY, help="top-k by"
+    )
+    circuit.add_argument("--seed", type=_int, default=0, help="seed of the IOI prompts (0)")
+    circuit.add_argument(
+        "--compare",
+        action="store_true",
+        help="two SAEs at one hook: top-k of the larger-L0 one vs the one with L0 ~ k",
+    )
+    circuit.add_argument("--out", default="runs/circuit", help="output folder (runs/circuit)")
+    circuit.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
     hooks = sub.add_parser("hooks", help="list a model's hook points with their widths")
     hooks.add_argument("model", nargs="?", default="default", help="model (default: 'default')")
     return parser
@@ -241,10 +422,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from saelab.config import load_run_config
+    from saelab.training.distributed import is_main_process
     from saelab.training.run import train_run
 
     cfg = load_run_config(args.config, _overrides(args))
     results = train_run(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    if not is_main_process():  # under torchrun rank 0 alone reports
+        return 0
     print(f"trained {len(results)} SAE(s) into {args.out}")
     for folder, result in results.items():
         summary = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if k != "tokens")
@@ -286,12 +470,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from saelab.config import load_run_config
+    from saelab.training.distributed import is_main_process
     from saelab.training.sweep import format_summary_table, sweep_run
 
     cfg = load_run_config(args.config, _overrides(args))
     summary = sweep_run(
         cfg, args.out, eval_tokens=args.eval_tokens, resume=args.resume, progress=not args.quiet
     )
+    if not is_main_process():  # under torchrun rank 0 alone reports
+        return 0
     print(format_summary_table(summary))
     print(f"SAE folders and summary.json in {args.out}")
     return 0
@@ -379,6 +566,193 @@ def _cmd_hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_features(args: argparse.Namespace) -> int:
+    from saelab.analysis.features import write_feature_stats
+
+    stats, out = write_feature_stats(
+        args.sae_dir,
+        args.out,
+        model=args.model,
+        data=args.data,
+        tokens=args.tokens,
+        context=args.context,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    summary = stats.summary()
+    print(f"wrote {out / 'feature_stats.safetensors'} and feature_stats.json")
+    print(
+        f"{summary['n_features']} features over {summary['n_tokens']:,} tokens: "
+        f"dead {summary['frac_dead']:.1%}, mean density {summary['mean_density']:.3g}, "
+        f"mean L0 {summary['mean_l0']:.1f}"
+    )
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from saelab.analysis.dashboard.site import build_dashboard
+
+    index, stats = build_dashboard(
+        args.sae_dir,
+        args.out,
+        stats_dir=args.stats,
+        recompute=args.recompute,
+        features=args.features,
+        top=args.top,
+        progress=not args.quiet,
+        tokens=args.tokens,
+        context=args.context,
+        model=args.model,
+        data=args.data,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(f"dashboard of {stats.n_features} features ({stats.n_tokens:,} tokens): {index}")
+    print(f"browse it with: saelab serve {args.out}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from saelab.analysis.dashboard.serve import serve, server_url
+
+    def ready(server: object) -> None:
+        print(f"serving {args.dir} at {server_url(server)} (Ctrl-C to stop)", flush=True)
+
+    serve(args.dir, host=args.host, port=args.port, ready=ready)
+    print("stopped")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    """Comma-separated numbers: ``-8,-4,0`` (a list flag also takes them space-separated)."""
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers") from None
+
+
+def _cmd_steer(args: argparse.Namespace) -> int:
+    from saelab.analysis.steering_run import (
+        format_generations,
+        format_sweep_table,
+        format_transfer_tables,
+        run_steer,
+    )
+    from saelab.config import SteerConfig, SteerVectorConfig
+
+    if args.vector is not None and args.method is None and args.hook is not None:
+        raise SaelabError(
+            "--hook chooses where a vector is built; a saved vector (--vector) is applied at its "
+            "own hook, and --transfer-layers applies it at others"
+        )
+    build = None
+    if args.method is not None:
+        build = SteerVectorConfig(
+            method=args.method,
+            hook=args.hook,
+            pairs=args.pairs,
+            answer_offset=args.answer_offset,
+            positive=args.positive,
+            negative=args.negative,
+            target=args.target,
+            general=args.general,
+            tokens=args.tokens,
+            context=args.context,
+            sae=args.sae,
+            feature=args.feature,
+            sae_units=args.sae_units,
+            max_act=args.max_act,
+            seed=args.seed,
+        )
+    coefs = {} if args.coefs is None else {"coefs": tuple(c for group in args.coefs for c in group)}
+    cfg = SteerConfig(
+        model=args.model,
+        device=args.device,
+        build=build,
+        vector=args.vector,
+        positions=args.positions,
+        eval=args.eval,
+        neutral=args.neutral,
+        neutral_tokens=args.neutral_tokens,
+        context=args.context,
+        generate=tuple(args.generate),
+        max_new_tokens=args.max_new_tokens,
+        sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        transfer_layers=args.transfer_layers,
+        transfer_model=args.transfer_model,
+        **coefs,
+    )
+    result = run_steer(cfg, args.out, progress=not args.quiet)
+    vector = result["vector"]
+    print(
+        f"{vector['method']} vector at {result['hook']} (norm {vector['norm']:.4g}, "
+        f"{result['positions']} positions) on {result['model']}"
+    )
+    if result["eval"] is None:
+        print("no --eval pairs: effect not measured")
+    else:
+        sample = " (the CAA pairs: in-sample)" if result["eval"]["in_sample"] else ""
+        print(f"effect on {result['eval']['pairs']} pairs of {result['eval']['file']}{sample}")
+    print(format_sweep_table(result))
+    if result["transfer"]:
+        print()
+        print(format_transfer_tables(result))
+    if result["generations"]:
+        print()
+        print(format_generations(result))
+    print(f"steer.json, steer.png and the vector (vector/) in {args.out}")
+    return 0
+
+
+def _cmd_circuit(args: argparse.Namespace) -> int:
+    from saelab.analysis.circuit_run import (
+        CIRCUIT_FILES,
+        COMPARE_FILES,
+        format_circuit_report,
+        format_compare_report,
+        run_circuit,
+        run_compare,
+    )
+    from saelab.config import CircuitConfig
+
+    cfg = CircuitConfig(
+        task=args.task,
+        k=args.k,
+        n_prompts=args.n_prompts,
+        method=args.method,
+        ig_steps=args.ig_steps,
+        ablation=args.ablation,
+        ablate_errors=args.ablate_errors,
+        keep_per=args.keep_per,
+        rank_by=args.rank_by,
+        seed=args.seed,
+    )
+    run, report, files = (
+        (run_compare, format_compare_report, COMPARE_FILES)
+        if args.compare
+        else (run_circuit, format_circuit_report, CIRCUIT_FILES)
+    )
+    result = run(
+        args.sae,
+        cfg,
+        model_name=args.model,
+        device=args.device,
+        out=args.out,
+        progress=not args.quiet,
+    )
+    print(report(result))
+    print(f"{', '.join(files)} in {args.out}")
+    return 0
+
+
 def _quiet_dependencies() -> None:
     """saelab shows its own progress; the libraries' per-file bars would bury it (and errors)."""
     from transformers.utils import logging as hf_logging
@@ -392,6 +766,7 @@ def _quiet_dependencies() -> None:
 
 
 COMMANDS = {
+    "circuit": _cmd_circuit,
     "train": _cmd_train,
     "eval": _cmd_eval,
     "hooks": _cmd_hooks,
@@ -400,6 +775,10 @@ COMMANDS = {
     "convert": _cmd_convert,
     "report": _cmd_report,
     "transfer": _cmd_transfer,
+    "dashboard": _cmd_dashboard,
+    "serve": _cmd_serve,
+    "features": _cmd_features,
+    "steer": _cmd_steer,
 }
 
 

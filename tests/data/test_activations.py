@@ -50,6 +50,27 @@ def test_batches_have_the_right_shape_and_mean_norm(model, tokenizer, words_file
     assert stream.scales[HOOK] > 0
 
 
+def test_data_parallel_scale_comes_from_the_norm_sums_of_every_process(
+    model, tokenizer, words_file
+):
+    """``sum_over_ranks`` adds the other processes' [Σ‖x‖, rows] per hook: here a fake second
+    process with 100 rows of norm 10; the scale is √d over the mean norm of all rows."""
+    received = []
+
+    def plus_one(sums_H2):
+        received.append(sums_H2.clone())
+        return sums_H2 + torch.tensor([[1000.0, 100.0]], dtype=torch.float64)
+
+    stream = make_stream(
+        model, tokenizer, words_file, norm_estimate_tokens=10**6, sum_over_ranks=plus_one
+    )
+    next(iter(stream))
+    raw_norms = (stream._buffer[HOOK].double() / stream.scales[HOOK]).norm(dim=-1)
+    assert received[0].tolist() == [[pytest.approx(raw_norms.sum().item()), 256]]
+    mean_norm = (raw_norms.sum().item() + 1000.0) / (256 + 100)
+    assert stream.scales[HOOK] == pytest.approx(math.sqrt(64) / mean_norm, rel=1e-6)
+
+
 def test_rows_are_the_kept_positions_of_the_model(model, tokenizer, words_file):
     stream = make_stream(model, tokenizer, words_file)
     next(iter(stream))

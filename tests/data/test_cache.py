@@ -256,6 +256,21 @@ def test_state_dict_resumes_the_exact_same_batches_across_an_epoch(cache, tmp_pa
             torch.testing.assert_close(got[hook], want[hook], rtol=0, atol=0)
 
 
+def test_data_parallel_ranks_take_their_slices_of_the_single_process_batches(cache):
+    """Each of 2 ranks serves its half of every batch one process would serve; an uneven
+    split is a one-line error."""
+    single = take(ActivationCacheStream(cache, batch_size=64, buffer_size=256), 9)
+    halves = [
+        take(ActivationCacheStream(cache, batch_size=64, buffer_size=256, rank=r, world_size=2), 9)
+        for r in range(2)
+    ]
+    assert all(h.shape == (9 * 32, 64) for h in halves)
+    together = torch.stack([h.view(9, 32, 64) for h in halves], dim=1).reshape(-1, 64)
+    assert torch.equal(together, single)
+    with pytest.raises(SaelabError, match="batch of 64 cannot be split evenly over 3 processes"):
+        ActivationCacheStream(cache, batch_size=64, rank=0, world_size=3)
+
+
 def test_state_of_another_cache_is_refused(cache, cache_copy):
     index = json.loads((cache_copy / INDEX_FILENAME).read_text())
     index["shards"] = index["shards"][:-1]

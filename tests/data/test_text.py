@@ -171,6 +171,40 @@ def test_batches_yielded_counts_and_iteration_continues(tokenizer, text_file):
     assert not torch.equal(first, second)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_data_parallel_ranks_share_out_the_single_process_rows(tokenizer, text_file, world):
+    """Row i of one process goes to rank i mod world: together the ranks see every row once,
+    each in batches of its own size, and each resumes at its own position."""
+
+    def rows(batches, n) -> torch.Tensor:
+        return torch.cat(list(itertools.islice(batches, n)))
+
+    single = rows(TokenBatches(str(text_file), tokenizer, context=32, batch_size=2, seed=1), 6)
+    shares = [
+        TokenBatches(
+            str(text_file), tokenizer, context=32, batch_size=2, seed=1, rank=r, world_size=world
+        )
+        for r in range(world)
+    ]
+    ranked = [rows(share, 6 // world) for share in shares]
+    assert all(share.batches_yielded == 6 // world for share in shares)
+    interleaved = torch.stack(ranked, dim=1).reshape(-1, 32)
+    assert torch.equal(interleaved, single)
+    resumed = TokenBatches(
+        str(text_file),
+        tokenizer,
+        context=32,
+        batch_size=2,
+        seed=1,
+        rank=1,
+        world_size=world,
+        start_batch=1,
+    )
+    assert torch.equal(next(resumed), ranked[1][2:4])
+    with pytest.raises(SaelabError, match="rank is 3 but must be in"):
+        TokenBatches(str(text_file), tokenizer, rank=3, world_size=world)
+
+
 def test_skipping_past_the_end_fails_in_one_line(tokenizer, text_file):
     batches = TokenBatches(str(text_file), tokenizer, context=32, batch_size=4, start_batch=10**6)
     with pytest.raises(SaelabError, match="ran out") as info:

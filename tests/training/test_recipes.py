@@ -187,6 +187,7 @@ def test_autocast_is_refused_on_the_cpu():
         ("train.resample_sample_tokens", "0"),
         ("train.resample_weighting", "ce_increase"),
         ("train.resample_lr_warmup_steps", "-5"),
+        ("train.distributed", "fsdp"),
         ("sae.b_dec_init", "median"),
         ("sae.k_aux", "0"),
     ],

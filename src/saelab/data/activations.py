@@ -7,13 +7,17 @@ by one dataset-wide scalar so that E‖x‖ = √d_in, and serves shuffled batch
 is refilled when half of it has been served.
 
 Its ``state_dict`` (buffer, pending rows, RNG, token position, scales) makes resumes exact.
+
+In data-parallel training each process has its own stream over its share of the text
+(``TokenBatches(rank=, world_size=)``); ``sum_over_ranks`` sums the norm statistics over the
+processes, so every process gets the one scale of all their first rows.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -82,6 +86,7 @@ class ActivationStream:
         scales: dict[str, float] | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
+        sum_over_ranks: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.model = model
         self.token_batches = token_batches
@@ -95,6 +100,8 @@ class ActivationStream:
             special_ids = special_token_ids(tokenizer) if tokenizer is not None else []
         self.special_ids = special_ids
         self.norm_estimate_tokens = norm_estimate_tokens
+        self.sum_over_ranks = sum_over_ranks
+        """Sums a tensor over the data-parallel processes (None: this process alone)."""
         self.scales: dict[str, float] = dict(scales or {})
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.generator = torch.Generator().manual_seed(seed)
@@ -134,14 +141,25 @@ class ActivationStream:
         return rows
 
     def _estimate_scales(self, rows: dict[str, Tensor]) -> None:
-        for hook in self.hooks:
-            if hook in self.scales:
-                continue
-            sample_TD = rows[hook][: self.norm_estimate_tokens]
-            mean_norm = float(sample_TD.norm(dim=-1).mean())
+        hooks = [hook for hook in self.hooks if hook not in self.scales]
+        if not hooks:
+            return
+        # Σ‖x‖ (summed in float64) and the row count of each hook; summed over the processes of
+        # a data-parallel run, they give every process the same scale.
+        sums_H2 = torch.tensor(
+            [
+                [float(s.norm(dim=-1).double().sum()), s.shape[0]]
+                for s in (rows[hook][: self.norm_estimate_tokens] for hook in hooks)
+            ],
+            dtype=torch.float64,
+        )
+        if self.sum_over_ranks is not None:
+            sums_H2 = self.sum_over_ranks(sums_H2)
+        for hook, (norm_sum, count) in zip(hooks, sums_H2.tolist(), strict=True):
+            mean_norm = norm_sum / max(count, 1)
             if not math.isfinite(mean_norm) or mean_norm == 0:
                 raise SaelabError(f"activations at {hook} are all zero or not finite")
-            self.scales[hook] = math.sqrt(sample_TD.shape[-1]) / mean_norm
+            self.scales[hook] = math.sqrt(rows[hook].shape[-1]) / mean_norm
             log.info("activation scale for %s: %.4g", hook, self.scales[hook])
 
     def _refill(self) -> None:

@@ -372,6 +372,12 @@ class ActivationCacheStream:
     Every shard's size and header (hooks, shapes, dtype) are checked when the stream is made;
     with ``verify`` its sha256 checksum is checked too, when the shard is first read.
 
+    Data-parallel training: with ``world_size`` > 1, ``batch_size`` is the global batch and this
+    process gets rows ``rank·b … (rank+1)·b`` of each, ``b = batch_size / world_size``. Every
+    process reads the same shuffled rows (reading is cheap next to training), so the processes
+    together train on exactly the batches of one process, and the stream's state is the same on
+    all of them (:attr:`state_is_shared`).
+
     Example::
 
         stream = ActivationCacheStream("acts", ["blocks.6.hook_resid_post"], batch_size=4096)
@@ -389,6 +395,8 @@ class ActivationCacheStream:
         epochs: int = 1,
         device: str | torch.device = "cpu",
         verify: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.index = read_cache_index(self.cache_dir)
@@ -401,6 +409,12 @@ class ActivationCacheStream:
             )
         if batch_size < 1 or epochs < 1:
             raise SaelabError("batch_size and epochs of a cache stream must be at least 1")
+        if not 0 <= rank < world_size or batch_size % world_size:
+            raise SaelabError(
+                f"a batch of {batch_size} cannot be split evenly over {world_size} processes; "
+                f"choose a --batch-size divisible by {world_size}"
+            )
+        self.rank, self.world_size = rank, world_size
         self.scales: dict[str, float] = {h: self.index.scales[h] for h in self.hooks}
         self.batch_size = batch_size
         # Half the buffer is served between refills, so it must hold at least two batches.
@@ -568,10 +582,19 @@ class ActivationCacheStream:
         return {h: torch.cat([p[h] for p in pieces]) for h in self.hooks}
 
     def __iter__(self) -> Iterator[dict[str, Float[Tensor, "B D"]]]:
+        share = self.batch_size // self.world_size
         while True:
-            yield self._take(self.batch_size)
+            batch = self._take(self.batch_size)
+            if self.world_size > 1:
+                mine = slice(self.rank * share, (self.rank + 1) * share)
+                batch = {h: b[mine] for h, b in batch.items()}
+            yield batch
 
     # ----- resume ----------------------------------------------------------------------------
+
+    state_is_shared = True
+    """Every data-parallel process holds the same state (they read the same rows), so a
+    checkpoint needs only one copy of it."""
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -358,6 +358,12 @@ class TokenBatches:
     >>> first = next(batches)            # LongTensor [8, 64]
     >>> resumed = TokenBatches("default", tokenizer, context=64, batch_size=8, seed=0,
     ...                        start_batch=batches.batches_yielded)
+
+    Data-parallel training gives each of ``world_size`` processes every ``world_size``-th packed
+    row, starting at row ``rank``: together the processes see exactly the rows of one process
+    (row ``i`` goes to rank ``i mod world_size``), each in batches of ``batch_size`` rows, and
+    ``batches_yielded`` counts this rank's batches. Every rank tokenises the whole text (cheap
+    next to the model) so that the rows it keeps are cut exactly as in a single process.
     """
 
     def __init__(
@@ -369,23 +375,36 @@ class TokenBatches:
         seed: int = 0,
         bos_token_id: int | None = None,
         start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         _check_sizes(context, batch_size)
+        if not 0 <= rank < world_size:
+            raise SaelabError(f"rank is {rank} but must be in [0, world_size={world_size})")
         self.spec = spec
         self.tokenizer = tokenizer
         self.context = context
         self.batch_size = batch_size
         self.seed = seed
         self.bos_token_id = bos_token_id_of(tokenizer) if bos_token_id is None else bos_token_id
+        self.rank = rank
+        self.world_size = world_size
         self.batches_yielded = 0
         # The source is opened now so a wrong path or dataset name fails before a model loads;
         # tokenising starts only at the first batch.
-        self._batches = pack_tokens(
+        packed = pack_tokens(
             iter_documents(spec, seed),
             tokenizer,
             bos_token_id=self.bos_token_id,
             context=context,
-            batch_size=batch_size,
+            batch_size=batch_size * world_size,
+        )
+        # One packed batch of world_size × batch_size rows holds this rank's next batch_size
+        # rows; a single process keeps the packed batches as they are.
+        self._batches = (
+            packed
+            if world_size == 1
+            else (rows_NP[rank::world_size].contiguous() for rows_NP in packed)
         )
         self._batches_to_discard = 0
         self.skip(start_batch)

@@ -6,6 +6,10 @@ dotted keys, and a JSON skeleton whose leaves name those keys. Checkpoints live 
 ``OUT/checkpoints/step_NNNNNNNN/``; ``OUT/checkpoints/latest.json`` names the newest complete one
 and is only rewritten after that folder is complete, so a crash mid-write leaves the previous
 checkpoint usable.
+
+Under torchrun every process writes its own named states into the same folder (rank 0 the
+shared ones, the others ``rank_R`` or their own SAEs); rank 0 alone creates the folder, renames
+it once all have written, and moves ``latest.json``.
 """
 
 from __future__ import annotations
@@ -13,13 +17,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from saelab.atomic import write_json, write_safetensors
 from saelab.errors import SaelabError
 from saelab.saes.storage import read_weights
+
+if TYPE_CHECKING:
+    from saelab.training.distributed import Distributed
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
@@ -79,21 +86,41 @@ def load_state(directory: Path, name: str) -> Any:
     return unflatten_state(read_weights(directory / f"{name}.safetensors"), skeleton)
 
 
-def write_checkpoint(out_dir: Path, step: int, states: dict[str, Any], keep: int = 2) -> Path:
-    """Write each named state into a new step folder, then point ``latest.json`` at it."""
+def write_checkpoint(
+    out_dir: Path,
+    step: int,
+    states: dict[str, Any],
+    keep: int = 2,
+    *,
+    dist: Distributed | None = None,
+) -> Path:
+    """Write each named state into a new step folder, then point ``latest.json`` at it.
+
+    With ``dist`` (a torchrun job) every process calls this with its own ``states``; the folder
+    is made, renamed and pointed at by rank 0 only, between barriers.
+    """
     root = out_dir / "checkpoints"
     final = root / f"step_{step:08d}"
     partial = root / f".step_{step:08d}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    main = dist is None or dist.is_main
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    if dist is not None:
+        dist.barrier()
     for name, state in states.items():
         save_state(partial, name, state)
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    write_json(root / "latest.json", {"step": step, "path": final.name})
-    # The newest `keep` folders stay (at least the one just written).
-    for old in sorted(root.glob("step_*"))[: -max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
+    if dist is not None:
+        dist.barrier()
+    if main:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        write_json(root / "latest.json", {"step": step, "path": final.name})
+        # The newest `keep` folders stay (at least the one just written).
+        for old in sorted(root.glob("step_*"))[: -max(keep, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist is not None:
+        dist.barrier()  # nobody reads or writes checkpoints before the pointer has moved
     return final
 
 

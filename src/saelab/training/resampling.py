@@ -37,6 +37,11 @@ step counter per parameter, so bias correction is not restarted with the moments
 reference implementation). The learning-rate warm-up restarts only for an SAE that had features
 resampled.
 
+Data-parallel training: each process offers its share of the batch, with the noise of those
+rows in the whole batch's draw (``row_offset``, ``total_rows``), and keeps its own reservoir. At a
+resample the processes gather their top ``n`` keys and inputs and take the top ``n`` of those:
+the ``n`` largest keys of everything offered, as one process would have drawn them.
+
 Example::
 
     resampler = FeatureResampler(train_cfg, sae, seed=0)
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -140,11 +146,16 @@ class InputReservoir:
         x_BD: Float[Tensor, "B D"],
         log_weight_B: Float[Tensor, " B"],
         generator: torch.Generator,
+        noise_rows: tuple[int, int] | None = None,
     ) -> None:
         """Consider a batch of inputs. ``generator`` (CPU) draws the keys' noise, so a seeded run
-        draws the same noise on any device (and never waits on the device to do so)."""
+        draws the same noise on any device (and never waits on the device to do so).
+        ``noise_rows = (offset, total)``: the batch is rows ``offset …`` of a batch of ``total``
+        whose noise ``generator`` draws (one share of a data-parallel batch)."""
         batch = x_BD.shape[0]
-        noise_B = torch.empty(batch, dtype=torch.float64).exponential_(generator=generator)
+        offset, total = noise_rows or (0, batch)
+        noise_B = torch.empty(total, dtype=torch.float64).exponential_(generator=generator)
+        noise_B = noise_B[offset : offset + batch]
         noise_B.clamp_min_(1e-300)  # a zero would make a key +inf (or NaN for zero weight)
         keys_B = log_weight_B.to(x_BD.device, torch.float64) - noise_B.to(x_BD.device).log()
         if self.keys_C is None or self.x_CD is None:
@@ -167,6 +178,18 @@ class InputReservoir:
             return torch.zeros(0, 0)
         top_keys, top_idx = self.keys_C.topk(min(n, self.capacity))
         return self.x_CD[top_idx[torch.isfinite(top_keys)]]
+
+    def top(self, n: int, d_in: int) -> tuple[Float[Tensor, " N"], Float[Tensor, "N D"]]:
+        """The ``n`` largest keys and their inputs, padded with ``−inf`` keys (and zero rows) to
+        exactly ``n``, so that processes can gather them with one fixed shape."""
+        keys_N = torch.full((n,), -math.inf, dtype=torch.float64)
+        x_ND = torch.zeros(n, d_in)
+        if self.keys_C is not None and self.x_CD is not None and n > 0:
+            keys_N, x_ND = keys_N.to(self.keys_C.device), x_ND.to(self.x_CD.device)
+            top_keys, top_idx = self.keys_C.topk(min(n, self.capacity))
+            keys_N[: top_keys.numel()] = top_keys
+            x_ND[: top_keys.numel()] = self.x_CD[top_idx]
+        return keys_N, x_ND
 
     def clear_(self) -> None:
         self.keys_C = self.x_CD = None
@@ -264,15 +287,26 @@ class FeatureResampler:
         return resample_lr_multiplier(since, self.cfg.resample_lr_warmup_steps)
 
     @torch.no_grad()
-    def offer_(self, step: int, x_BD: Float[Tensor, "B D"], recon_BD: Float[Tensor, "B D"]) -> None:
+    def offer_(
+        self,
+        step: int,
+        x_BD: Float[Tensor, "B D"],
+        recon_BD: Float[Tensor, "B D"],
+        *,
+        row_offset: int = 0,
+        total_rows: int | None = None,
+    ) -> None:
         """Offer the batch of step ``step`` (0-based) with the reconstruction its training step
-        made; does nothing outside the sampling window before a due resample."""
+        made; does nothing outside the sampling window before a due resample. A data-parallel
+        process offers rows ``row_offset …`` of a batch of ``total_rows``."""
         if not collects_at(step, self.cfg):
             return
         loss_B = (x_BD.float() - recon_BD.detach().float()).pow(2).sum(-1)
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % 2**63)
         log_w_B = input_log_weights(loss_B, self.cfg.resample_weighting)
-        self.reservoir.offer_(x_BD, log_w_B, generator)
+        rows = x_BD.shape[0]
+        total = rows if total_rows is None else total_rows
+        self.reservoir.offer_(x_BD, log_w_B, generator, noise_rows=(row_offset, total))
 
     def resample_(
         self,
@@ -280,12 +314,20 @@ class FeatureResampler:
         sae: SparseAutoencoder,
         optimizer: torch.optim.Optimizer,
         tokens_since_fired_F: Int[Tensor, " F"],
+        gather: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, int]:
         """Resample the features dead by the resampling window; the changed ones count as just
-        fired. Returns ``n_dead`` and ``n_resampled``."""
+        fired. Returns ``n_dead`` and ``n_resampled``. ``gather`` (data-parallel training)
+        concatenates a tensor's rows over the processes, whose candidates then compete."""
         dead_F = tokens_since_fired_F >= self.cfg.resample_window_tokens
         n_dead = int(dead_F.sum())
-        inputs_ND = self.reservoir.sample(n_dead)
+        if gather is None or n_dead == 0:
+            inputs_ND = self.reservoir.sample(n_dead)
+        else:
+            keys_N, x_ND = self.reservoir.top(n_dead, sae.d_in)
+            keys_all, x_all = gather(keys_N.to(sae.W_dec.device)), gather(x_ND.to(sae.W_dec.device))
+            top_keys, top_idx = keys_all.topk(min(n_dead, keys_all.numel()))
+            inputs_ND = x_all[top_idx[torch.isfinite(top_keys)]]
         idx = resample_features_(sae, optimizer, dead_F, inputs_ND)
         tokens_since_fired_F[idx] = 0
         self.reservoir.clear_()

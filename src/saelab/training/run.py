@@ -4,11 +4,17 @@ This is the one place that wires the parts together for ``saelab train``; each p
 usable alone. The run folder gets ``config.toml`` (what the user asked for), ``resolved.json``
 (what it resolved to: widths, learning rates, activation scales), one folder per SAE, the JSONL
 log, TensorBoard events and checkpoints.
+
+Under torchrun (:mod:`saelab.training.distributed`) :func:`train_run` joins the job and every
+process builds its part: in ``ddp`` mode its own model and its share of the text (or its slice of
+the cache's batches), in ``sae`` mode its own SAEs fed by rank 0's broadcast batches (or by the
+cache). Rank 0 writes ``config.toml`` and ``resolved.json``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +33,7 @@ from saelab.models.hookpoints import hook_dim
 from saelab.models.loading import load_model
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.registry import architecture_class
+from saelab.training.distributed import BroadcastStream, Distributed, distributed_session
 from saelab.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -37,58 +44,93 @@ RESOLVED_FILENAME = "resolved.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_saes(cfg: RunConfig, d_in_by_hook: dict[str, int]) -> list[SparseAutoencoder]:
+def build_saes(
+    cfg: RunConfig,
+    d_in_by_hook: dict[str, int],
+    indices: list[int] | None = None,
+    device: str | None = None,
+) -> list[SparseAutoencoder]:
+    """The SAEs of ``cfg`` (only those at ``indices``, default all) on ``device`` (default
+    ``model.device``); SAE ``i`` is seeded with ``seed + i`` wherever it is built."""
     saes = []
-    for i, sae_cfg in enumerate(cfg.saes):
+    for i in range(len(cfg.saes)) if indices is None else indices:
+        sae_cfg = cfg.saes[i]
         cls = architecture_class(sae_cfg.architecture)
         # A transcoder's output width is its output hook's; other SAEs reconstruct their input.
         out = sae_cfg.output_hook
         widths = {} if out is None else {"d_out": d_in_by_hook[out]}
         sae = cls(sae_cfg, d_in_by_hook[sae_cfg.hook], seed=cfg.seed + i, **widths)
-        saes.append(sae.to(cfg.model.device))
+        saes.append(sae.to(device or cfg.model.device))
     return saes
 
 
-def model_activation_stream(cfg: RunConfig, model, tokenizer) -> ActivationStream:
-    """The activation stream a run with ``cfg`` trains on: its text, hooks, batches, buffer."""
+def model_activation_stream(
+    cfg: RunConfig, model, tokenizer, dist: Distributed | None = None
+) -> ActivationStream:
+    """The activation stream a run with ``cfg`` trains on: its text, hooks, batches, buffer.
+
+    A data-parallel process (``dist``) gets every N-th packed sequence, 1/N of the batch, of the
+    buffer and of the norm-estimate rows, and a scale from the norm sums of all N processes.
+    """
+    dist = dist or Distributed()
+    world, rank = dist.data_world, dist.data_rank
     tokens = TokenBatches(
         cfg.data.dataset,
         tokenizer,
         context=cfg.data.context,
         batch_size=cfg.data.model_batch_size,
         seed=cfg.seed,
+        rank=rank,
+        world_size=world,
     )
     return ActivationStream(
         model,
         tokens,
         cfg.hooks,
-        batch_size=cfg.train.batch_size,
-        buffer_size=cfg.data.buffer_size,
+        batch_size=cfg.train.batch_size // world,
+        buffer_size=math.ceil(cfg.data.buffer_size / world),
         skip_positions=cfg.data.skip_positions,
         special_ids=special_token_ids(tokenizer),
-        norm_estimate_tokens=cfg.data.norm_estimate_tokens,
-        seed=cfg.seed,
+        norm_estimate_tokens=math.ceil(cfg.data.norm_estimate_tokens / world),
+        seed=cfg.seed + rank,
+        sum_over_ranks=dist.sum_over_data_ranks if world > 1 else None,
     )
 
 
-def _model_source(cfg: RunConfig) -> tuple[ActivationStream, dict[str, int], dict[str, Any]]:
-    """(stream, d_in per hook, SAE metadata) from running the language model."""
-    model, tokenizer = load_model(
-        cfg.model.name, device=cfg.model.device, dtype=_DTYPES[cfg.model.dtype]
-    )
-    d_in_by_hook = {hook: hook_dim(model, hook) for hook in cfg.hooks}
-    stream = model_activation_stream(cfg, model, tokenizer)
+def _model_source(
+    cfg: RunConfig, dist: Distributed, device: str
+) -> tuple[Any, dict[str, int], dict[str, Any]]:
+    """(stream, d_in per hook, SAE metadata) from running the language model: on every process
+    (``ddp``, each on its share of the text) or on rank 0 only (``sae``, batches broadcast)."""
     metadata = {
         "model_name": cfg.model.name,
         "context_size": cfg.data.context,
         "dataset_path": cfg.data.dataset,
         "seqpos_slice": [cfg.data.skip_positions, None],
     }
+
+    def load() -> tuple[ActivationStream, dict[str, int]]:
+        model, tokenizer = load_model(cfg.model.name, device=device, dtype=_DTYPES[cfg.model.dtype])
+        d_in_by_hook = {hook: hook_dim(model, hook) for hook in cfg.hooks}
+        return model_activation_stream(cfg, model, tokenizer, dist), d_in_by_hook
+
+    if not dist.sae_parallel:
+        stream, d_in_by_hook = load()
+        return stream, d_in_by_hook, metadata
+    source: list[ActivationStream] = []
+
+    def load_on_main() -> dict[str, int]:
+        stream, d_in_by_hook = load()
+        source.append(stream)
+        return d_in_by_hook
+
+    d_in_by_hook = dist.on_main(load_on_main)
+    stream = BroadcastStream(source[0] if source else None, dist, d_in_by_hook, device)
     return stream, d_in_by_hook, metadata
 
 
 def _cache_source(
-    cfg: RunConfig, cache_dir: str, extra_tokens: int
+    cfg: RunConfig, cache_dir: str, extra_tokens: int, dist: Distributed, device: str
 ) -> tuple[ActivationCacheStream, dict[str, int], dict[str, Any]]:
     """(stream, d_in per hook, SAE metadata) from an activation cache; the model is not loaded.
 
@@ -102,7 +144,9 @@ def _cache_source(
         buffer_size=cfg.data.buffer_size,
         seed=cfg.seed,
         epochs=cfg.data.activation_epochs,
-        device=cfg.model.device,
+        device=device,
+        rank=dist.data_rank,
+        world_size=dist.data_world,
     )
     what = "training and held-out evaluation need" if extra_tokens else "training needs"
     stream.check_tokens(cfg.train.steps * cfg.train.batch_size + extra_tokens, what)
@@ -132,6 +176,10 @@ class FinishedRun:
     stream: Any
     metadata: dict[str, Any]
     """Where the activations came from (model name, text, context), as saved with the SAEs."""
+    sae_ids: list[int] | None = None
+    """Indices in ``cfg.saes`` of ``saes`` (this process's own in ``sae`` mode; default all)."""
+    dist: Distributed | None = None
+    """The torchrun job the run belongs to (None: a lone process)."""
 
 
 def train_run(
@@ -140,9 +188,28 @@ def train_run(
     """Train every SAE of ``cfg`` from one pass over the model; returns per-SAE results.
 
     With ``resume``, the saved ``config.toml`` of ``out_dir`` is used and training continues
-    from its latest checkpoint.
+    from its latest checkpoint. Under torchrun every process calls this and gets all results.
     """
-    return fit_run(cfg, out_dir, resume=resume, progress=progress).results
+    cfg = run_config_for(cfg, out_dir, resume)
+    with distributed_session(cfg.train.distributed, cfg.model.device) as dist:
+        return fit_run(cfg, out_dir, resume=resume, progress=progress, dist=dist).results
+
+
+def run_config_for(cfg: RunConfig, out_dir: str | Path, resume: bool) -> RunConfig:
+    """The config a run into ``out_dir`` uses: ``cfg``, or the saved one when resuming; refuses
+    to overwrite a finished run."""
+    out_dir = Path(out_dir)
+    if resume:
+        saved = out_dir / CONFIG_FILENAME
+        if not saved.is_file():
+            raise SaelabError(f"nothing to resume: {saved} does not exist")
+        return load_run_config(saved)
+    if (out_dir / CONFIG_FILENAME).exists() and any(out_dir.glob("*/cfg.json")):
+        raise SaelabError(
+            f"{out_dir} already holds a finished run; pass --resume to continue it or "
+            "choose another --out"
+        )
+    return cfg
 
 
 def fit_run(
@@ -152,55 +219,66 @@ def fit_run(
     resume: bool = False,
     progress: bool = True,
     extra_tokens: int = 0,
+    dist: Distributed | None = None,
 ) -> FinishedRun:
     """:func:`train_run`, keeping the SAEs and the stream. ``extra_tokens`` is what the caller
-    will draw from the stream afterwards (checked up front when it comes from a cache)."""
+    will draw from the stream afterwards (checked up front when it comes from a cache). With
+    ``dist`` (a torchrun job) the SAEs are this process's (all, or its own in ``sae`` mode)."""
     out_dir = Path(out_dir)
-    if resume:
-        saved = out_dir / CONFIG_FILENAME
-        if not saved.is_file():
-            raise SaelabError(f"nothing to resume: {saved} does not exist")
-        cfg = load_run_config(saved)
-    elif (out_dir / CONFIG_FILENAME).exists() and any(out_dir.glob("*/cfg.json")):
-        raise SaelabError(
-            f"{out_dir} already holds a finished run; pass --resume to continue it or "
-            "choose another --out"
-        )
-    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
+    cfg = run_config_for(cfg, out_dir, resume)
+    dist = dist or Distributed()
+    dist.check(cfg)
+    device = dist.device_for(cfg.model.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise SaelabError("--device cuda was asked for but no CUDA device is available")
     torch.manual_seed(cfg.seed)
     if cfg.data.activations is not None:
-        stream, d_in_by_hook, metadata = _cache_source(cfg, cfg.data.activations, extra_tokens)
+        stream, d_in_by_hook, metadata = _cache_source(
+            cfg, cfg.data.activations, extra_tokens, dist, device
+        )
     else:
-        stream, d_in_by_hook, metadata = _model_source(cfg)
-    saes = build_saes(cfg, d_in_by_hook)
-    trainer = Trainer(saes, cfg.train, out_dir, progress=progress, metadata=metadata)
-    write_text(out_dir / CONFIG_FILENAME, dump_run_config(cfg))
+        stream, d_in_by_hook, metadata = _model_source(cfg, dist, device)
+    owned = dist.owned(len(cfg.saes))
+    saes = build_saes(cfg, d_in_by_hook, owned, device)
+    trainer = Trainer(
+        saes, cfg.train, out_dir, progress=progress, metadata=metadata, dist=dist, sae_ids=owned
+    )
+    if dist.is_main:
+        write_text(out_dir / CONFIG_FILENAME, dump_run_config(cfg))
     if resume and not trainer.resume(stream):
         log.warning("no checkpoint in %s; starting from the beginning", out_dir)
     results = trainer.fit(stream)
-    write_json(
-        out_dir / RESOLVED_FILENAME,
-        {
-            "saelab_version": __version__,
-            "torch_version": torch.__version__,
-            "python": platform.python_version(),
-            "activations": metadata.get("activation_cache"),
-            "hooks": {
-                h: {"d_in": d, "activation_scale": stream.scales.get(h)}
-                for h, d in d_in_by_hook.items()
-            },
-            "saes": [
+    resolved_saes = dist.gather_in_order(
+        [
+            (
+                i,
                 {
                     "folder": s.cfg.folder_name,
                     "d_in": s.d_in,
                     "d_sae": s.d_sae,
                     "lr": st.base_lr,
                     "steps": cfg.train.steps,
-                }
-                for s, st in zip(saes, trainer.states, strict=True)
-            ],
-            "results": results,
-        },
+                },
+            )
+            for i, s, st in zip(owned, saes, trainer.states, strict=True)
+        ]
     )
-    return FinishedRun(cfg, results, saes, stream, metadata)
+    if dist.is_main:
+        write_json(
+            out_dir / RESOLVED_FILENAME,
+            {
+                "saelab_version": __version__,
+                "torch_version": torch.__version__,
+                "python": platform.python_version(),
+                "activations": metadata.get("activation_cache"),
+                "processes": dist.world_size if dist.active else 1,
+                "distributed": dist.mode if dist.active else None,
+                "hooks": {
+                    h: {"d_in": d, "activation_scale": stream.scales.get(h)}
+                    for h, d in d_in_by_hook.items()
+                },
+                "saes": resolved_saes,
+                "results": results,
+            },
+        )
+    return FinishedRun(cfg, results, saes, stream, metadata, owned, dist)

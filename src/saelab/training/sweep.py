@@ -9,6 +9,11 @@ for more than one epoch they may have been), and its ``l0``, ``fvu``, ``gamma`` 
 ``OUT/summary.json`` with the wall time. Metrics are computed in model units, as ``saelab eval``
 does.
 
+Under torchrun a sweep is split like a run (:mod:`saelab.training.distributed`): in ``sae`` mode
+each process trains and measures its own SAEs on the same batches, in ``ddp`` mode every process
+measures every SAE on its share of each held-out batch and the sums are reduced; rank 0 writes the
+summary.
+
 Example::
 
     summary = sweep_run(load_run_config("sweep.toml"), "runs/sweep", eval_tokens=16_384)
@@ -32,7 +37,8 @@ from saelab.config import RunConfig
 from saelab.errors import SaelabError
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.metrics import ReconstructionStats
-from saelab.training.run import fit_run
+from saelab.training.distributed import Distributed, distributed_session
+from saelab.training.run import fit_run, run_config_for
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +59,18 @@ def held_out_metrics(
     tokens: int,
     *,
     progress: bool = True,
+    dist: Distributed | None = None,
 ) -> list[dict[str, float]]:
     """Reconstruction metrics of each SAE over the next ``tokens`` rows of ``stream``.
 
     ``stream`` yields normalised ``{hook: [batch, d_in]}``; targets (the SAE's own hook, or a
     transcoder's output hook) and reconstructions are divided by the target hook's scale, so
-    ``mse`` is in model units (the other metrics do not depend on the unit).
+    ``mse`` is in model units (the other metrics do not depend on the unit). A data-parallel
+    process (``dist``) holds rows ``rank·b …`` of each global batch; ``tokens`` counts global
+    rows and the sums are reduced over the processes, as one process would have measured them.
     """
+    dist = dist or Distributed()
+    rank, world = dist.data_rank, dist.data_world
     scales = getattr(stream, "scales", None) or {}
     stats = [ReconstructionStats(sae.d_out, sae.d_sae) for sae in saes]
     for sae in saes:
@@ -74,8 +85,11 @@ def held_out_metrics(
                 f"the activation stream ran out after {seen:,} held-out tokens of {tokens:,}; "
                 "use a larger dataset or fewer --eval-tokens"
             )
-        take = min(tokens - seen, next(iter(batch.values())).shape[0])
-        for sae, stat in zip(saes, stats, strict=True):
+        rows = next(iter(batch.values())).shape[0]
+        take_all = min(tokens - seen, rows * world)
+        # This process's rows of the first take_all of the global batch.
+        take = min(max(take_all - rank * rows, 0), rows)
+        for sae, stat in zip(saes, stats, strict=True) if take else ():
             target = _target_hook(sae)
             scale = float(scales.get(target, 1.0))
             x_BD = batch[sae.cfg.hook][:take]
@@ -83,10 +97,10 @@ def held_out_metrics(
             recon_BO = sae.predict_normalised(x_BD, feats)
             y_BO = batch[target][:take]
             stat.update(y_BO / scale, recon_BO / scale, feats.l0_per_token(), feats.fired_counts())
-        seen += take
-        bar.update(take)
+        seen += take_all
+        bar.update(take_all)
     bar.close()
-    return [stat.compute() for stat in stats]
+    return [dist.reduce_stats_(stat).compute() for stat in stats]
 
 
 def sweep_run(
@@ -98,35 +112,55 @@ def sweep_run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train every SAE of ``cfg`` in one pass, measure each on held-out activations, and write
-    ``OUT/summary.json``; returns the summary."""
+    ``OUT/summary.json``; returns the summary. Under torchrun every process calls this and gets
+    the whole summary."""
     if eval_tokens < 1:
         raise SaelabError(f"--eval-tokens must be positive, got {eval_tokens}")
     out_dir = Path(out_dir)
+    cfg = run_config_for(cfg, out_dir, resume)
+    with distributed_session(cfg.train.distributed, cfg.model.device) as dist:
+        return _sweep(cfg, out_dir, eval_tokens, resume, progress, dist)
+
+
+def _sweep(
+    cfg: RunConfig,
+    out_dir: Path,
+    eval_tokens: int,
+    resume: bool,
+    progress: bool,
+    dist: Distributed,
+) -> dict[str, Any]:
     started = time.perf_counter()
     # The stream serves whole batches, so the held-out part takes whole batches too.
     eval_rows = math.ceil(eval_tokens / cfg.train.batch_size) * cfg.train.batch_size
-    run = fit_run(cfg, out_dir, resume=resume, progress=progress, extra_tokens=eval_rows)
+    run = fit_run(cfg, out_dir, resume=resume, progress=progress, extra_tokens=eval_rows, dist=dist)
     trained = time.perf_counter()
-    metrics = held_out_metrics(run.saes, run.stream, eval_tokens, progress=progress)
+    metrics = held_out_metrics(
+        run.saes, run.stream, eval_tokens, progress=progress and dist.is_main, dist=dist
+    )
     done = time.perf_counter()
     rows = []
-    for sae, values in zip(run.saes, metrics, strict=True):
+    for i, sae, values in zip(run.sae_ids or range(len(run.saes)), run.saes, metrics, strict=True):
         folder = sae.cfg.folder_name
         rows.append(
-            {
-                "folder": folder,
-                "hook": sae.cfg.hook,
-                "architecture": sae.architecture,
-                "output_hook": sae.cfg.output_hook,
-                "d_in": sae.d_in,
-                "d_sae": sae.d_sae,
-                **{key: values[key] for key in SUMMARY_METRICS},
-                "mse": values["mse"],
-                "explained_variance": values["explained_variance"],
-                "frac_dense": values["frac_dense"],
-                "training": run.results.get(folder, {}),
-            }
+            (
+                i,
+                {
+                    "folder": folder,
+                    "hook": sae.cfg.hook,
+                    "architecture": sae.architecture,
+                    "output_hook": sae.cfg.output_hook,
+                    "d_in": sae.d_in,
+                    "d_sae": sae.d_sae,
+                    **{key: values[key] for key in SUMMARY_METRICS},
+                    "mse": values["mse"],
+                    "explained_variance": values["explained_variance"],
+                    "frac_dense": values["frac_dense"],
+                    "training": run.results.get(folder, {}),
+                },
+            )
         )
+    rows = dist.gather_in_order(rows)
     summary = {
         "saelab_version": __version__,
         "model": run.metadata.get("model_name"),
@@ -138,7 +172,8 @@ def sweep_run(
         "eval_time_s": done - trained,
         "saes": rows,
     }
-    write_json(out_dir / SUMMARY_FILENAME, summary)
+    if dist.is_main:
+        write_json(out_dir / SUMMARY_FILENAME, summary)
     log.info("sweep of %d SAE(s) took %.1f s; summary in %s", len(rows), done - started, out_dir)
     return summary
 

@@ -6,6 +6,11 @@ reader, or ``torch.randn`` in tests) and N SAEs; every batch feeds every SAE on 
 costs one pass of the model. A stream may expose ``scales`` (hook → activation scale),
 ``state_dict()`` and ``load_state_dict()``; with them, checkpoints resume bit-exactly.
 
+Under torchrun the trainer takes a :class:`~saelab.training.distributed.Distributed`: data-parallel,
+every process trains every SAE on its share of each batch and the named side concerns below reduce
+over the processes (see that module); SAE-parallel, each process holds only its SAEs
+(``sae_ids`` are their indices in the run) and log lines and results are gathered to rank 0.
+
 Example::
 
     trainer = Trainer([TopKSAE(SAEConfig(hook="h"), d_in=64)], TrainConfig(tokens=10_000), out)
@@ -34,6 +39,7 @@ from saelab.saes.base import SparseAutoencoder, TrainStepOutput
 from saelab.saes.metrics import ReconstructionStats
 from saelab.saes.storage import save_sae
 from saelab.training.checkpoint import latest_checkpoint, load_state, write_checkpoint
+from saelab.training.distributed import Distributed
 from saelab.training.loggers import RunLogger
 from saelab.training.resampling import FeatureResampler, resample_due
 from saelab.training.schedules import lr_multiplier, penalty_multiplier
@@ -116,17 +122,23 @@ class Trainer:
         progress: bool = True,
         tensorboard: bool = True,
         metadata: dict[str, Any] | None = None,
+        dist: Distributed | None = None,
+        sae_ids: list[int] | None = None,
     ) -> None:
         self.cfg = cfg
         if cfg.autocast_bf16:
             self._check_autocast(saes)
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.progress = progress
+        self.dist = dist or Distributed()
+        self.sae_ids = list(range(len(saes))) if sae_ids is None else list(sae_ids)
+        """Each SAE's index in the run (checkpoint names, order of gathered results)."""
+        self.progress = progress and self.dist.is_main
         self.metadata = metadata or {}
         self.step = 0
         self.tokens = 0
         self.states = [self._new_state(sae) for sae in saes]
-        self.logger = RunLogger(self.out_dir, tensorboard) if self.out_dir is not None else None
+        writes_logs = self.out_dir is not None and self.dist.is_main
+        self.logger = RunLogger(self.out_dir, tensorboard) if writes_logs else None
         self._next_checkpoint = cfg.checkpoint_every_tokens or None
 
     def _new_state(self, sae: SparseAutoencoder) -> SAEState:
@@ -176,7 +188,7 @@ class Trainer:
             for state in self.states:
                 self._train_step(state, batch[state.sae.cfg.hook], _target(state.sae, batch))
             self.step += 1
-            self.tokens += self._batch_tokens(batch)
+            self.tokens += self._batch_tokens(batch) * self.dist.data_world
             self._resample_if_due()
             if self.step % self.cfg.log_every_steps == 0 or self.step == total:
                 bar.set_postfix(self._log_window(time.perf_counter() - started), refresh=False)
@@ -189,6 +201,7 @@ class Trainer:
 
     def _init_from_first_batch(self, batch: dict[str, torch.Tensor], stream: Any) -> None:
         scales = getattr(stream, "scales", None) or {}
+        whole: dict[str, torch.Tensor] = {}  # the whole first batch of a hook, over processes
         for state in self.states:
             hook = state.sae.cfg.hook
             if hook not in batch:
@@ -216,7 +229,10 @@ class Trainer:
                         f"{output_hook} gives width {batch[output_hook].shape[-1]}"
                     )
                 state.sae.output_scale.fill_(float(scales.get(output_hook, 1.0)))
-            state.sae.init_from_data_(x_BD)
+            if hook not in whole:
+                whole[hook] = self.dist.gather_rows(x_BD)
+            state.sae.init_from_data_(whole[hook])
+            self.dist.broadcast_module_(state.sae)
 
     def _train_step(
         self, state: SAEState, x_BD: torch.Tensor, target_BD: torch.Tensor | None = None
@@ -242,24 +258,43 @@ class Trainer:
                 **target,
             )
         out.loss.backward()
+        # Data-parallel: the whole batch's gradients, firing counts and losses (one all-reduce).
+        fired_F = out.feats.fired_counts()
+        fired_all_F, losses = self.dist.sync_step_(sae, fired_F, out.losses)
         sae.before_optimizer_step_()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.after_optimizer_step_()
-        self._update_feature_stats(state, out, x_BD if target_BD is None else target_BD)
+        self._update_feature_stats(
+            state, out, x_BD if target_BD is None else target_BD, fired_F, fired_all_F
+        )
         if state.resampler is not None:
-            state.resampler.offer_(self.step, x_BD, out.recon_BD)
-        state.last_losses = {k: float(v) for k, v in out.losses.items()}
-        state.last_losses["lr"] = lr
+            rows = x_BD.shape[0]
+            state.resampler.offer_(
+                self.step,
+                x_BD,
+                out.recon_BD,
+                row_offset=self.dist.data_rank * rows,
+                total_rows=self.dist.data_world * rows,
+            )
+        state.last_losses = {**losses, "lr": lr}
         return out
 
-    def _update_feature_stats(self, state: SAEState, out: TrainStepOutput, x_BD) -> None:
-        fired_F = out.feats.fired_counts()
-        state.fired_total_F += fired_F
-        state.tokens_since_fired_F += x_BD.shape[0]
-        state.tokens_since_fired_F.masked_fill_(fired_F > 0, 0)
+    def _update_feature_stats(
+        self,
+        state: SAEState,
+        out: TrainStepOutput,
+        x_BD: torch.Tensor,
+        fired_F: torch.Tensor,
+        fired_all_F: torch.Tensor,
+    ) -> None:
+        """Dead-feature counts from the whole batch (``fired_all_F``, every process's tokens);
+        the log window from this process's share (summed over processes when logged)."""
+        state.fired_total_F += fired_all_F
+        state.tokens_since_fired_F += x_BD.shape[0] * self.dist.data_world
+        state.tokens_since_fired_F.masked_fill_(fired_all_F > 0, 0)
         state.window.update(x_BD, out.recon_BD, out.feats.l0_per_token(), fired_F)
 
     @staticmethod
@@ -287,11 +322,13 @@ class Trainer:
         logged, since resampling makes L0 and the loss jump."""
         if not resample_due(self.step, self.cfg):
             return
-        for state in self.states:
+        gather = self.dist.gather_rows if self.dist.data_parallel else None
+        events = []
+        for i, state in zip(self.sae_ids, self.states, strict=True):
             if state.resampler is None:
                 continue
             counts = state.resampler.resample_(
-                self.step, state.sae, state.optimizer, state.tokens_since_fired_F
+                self.step, state.sae, state.optimizer, state.tokens_since_fired_F, gather
             )
             log.info(
                 "step %d: resampled %d of %d dead features of %s",
@@ -300,16 +337,11 @@ class Trainer:
                 counts["n_dead"],
                 state.folder,
             )
+            record = {"event": "resample", "step": self.step, "tokens": self.tokens}
+            events.append((i, {**record, "sae": state.folder, **counts}))
+        for record in self.dist.gather_in_order(events):
             if self.logger is not None:
-                self.logger.log(
-                    {
-                        "event": "resample",
-                        "step": self.step,
-                        "tokens": self.tokens,
-                        "sae": state.folder,
-                        **counts,
-                    }
-                )
+                self.logger.log(record)
 
     @staticmethod
     def _batch_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -317,9 +349,9 @@ class Trainer:
 
     def _log_window(self, elapsed: float) -> dict[str, str]:
         """Write one log record per SAE; returns progress-bar fields for the first."""
-        postfix: dict[str, str] = {}
-        for i, state in enumerate(self.states):
-            metrics = state.window.compute()
+        records = []
+        for i, state in zip(self.sae_ids, self.states, strict=True):
+            metrics = self.dist.reduce_stats_(state.window).compute()
             frac_dead = float(state.dead_F().double().mean())
             record = {
                 "step": self.step,
@@ -331,16 +363,18 @@ class Trainer:
                 "frac_dead": frac_dead,
                 "tokens_per_s": self.tokens / max(elapsed, 1e-9),
             }
+            records.append((i, record))
+            state.window.reset()
+        records = self.dist.gather_in_order(records)
+        for record in records:
             if self.logger is not None:
                 self.logger.log(record)
-            if i == 0:
-                postfix = {
-                    "L0": f"{metrics['l0']:.1f}",
-                    "FVU": f"{metrics['fvu']:.3f}",
-                    "dead": f"{frac_dead:.1%}",
-                }
-            state.window.reset()
-        return postfix
+        first = records[0]
+        return {
+            "L0": f"{first['l0']:.1f}",
+            "FVU": f"{first['fvu']:.3f}",
+            "dead": f"{first['frac_dead']:.1%}",
+        }
 
     # ----- checkpoints ---------------------------------------------------------------------------
 
@@ -353,17 +387,36 @@ class Trainer:
                 self._next_checkpoint += self.cfg.checkpoint_every_tokens
 
     def save_checkpoint(self, stream: Any) -> Path:
+        """Write a checkpoint of this process's part: rank 0 (or a lone process) the trainer,
+        its SAEs and stream; in ``ddp`` mode each other rank ``rank_R``: its stream position
+        (unless every rank's is the same), RNG and resampling candidates; in ``sae`` mode each
+        other rank its own SAEs."""
         if self.out_dir is None:
             raise SaelabError("checkpoints need an output directory")
-        states: dict[str, Any] = {
-            "trainer": {
+        dist = self.dist
+        states: dict[str, Any] = {}
+        if dist.is_main:
+            states["trainer"] = {
                 "step": self.step,
                 "tokens": self.tokens,
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "world_size": dist.world_size,
+                "distributed": dist.mode if dist.active else None,
             }
-        }
-        for i, state in enumerate(self.states):
+            if hasattr(stream, "state_dict"):
+                states["stream"] = stream.state_dict()
+        elif dist.data_parallel:
+            shared = getattr(stream, "state_is_shared", False) or not hasattr(stream, "state_dict")
+            states[f"rank_{dist.rank}"] = {
+                "rng": torch.get_rng_state(),
+                "stream": None if shared else stream.state_dict(),
+                "resamplers": [
+                    None if s.resampler is None else s.resampler.state_dict() for s in self.states
+                ],
+            }
+        holds_saes = dist.is_main or dist.sae_parallel
+        for i, state in zip(self.sae_ids, self.states, strict=True) if holds_saes else ():
             states[f"sae_{i}"] = {
                 "folder": state.folder,
                 "params": {k: v for k, v in state.sae.state_dict().items()},
@@ -373,9 +426,7 @@ class Trainer:
                 "tokens_since_fired": state.tokens_since_fired_F,
                 "resampler": None if state.resampler is None else state.resampler.state_dict(),
             }
-        if hasattr(stream, "state_dict"):
-            states["stream"] = stream.state_dict()
-        path = write_checkpoint(self.out_dir, self.step, states)
+        path = write_checkpoint(self.out_dir, self.step, states, dist=dist)
         log.info("checkpoint written to %s", path)
         return path
 
@@ -384,7 +435,10 @@ class Trainer:
         if self.out_dir is None or (path := latest_checkpoint(self.out_dir)) is None:
             return False
         trainer_state = load_state(path, "trainer")
-        for i, state in enumerate(self.states):
+        self._check_same_job(path, trainer_state)
+        dist = self.dist
+        own = load_state(path, f"rank_{dist.rank}") if dist.data_parallel and dist.rank else None
+        for j, (i, state) in enumerate(zip(self.sae_ids, self.states, strict=True)):
             saved = load_state(path, f"sae_{i}")
             if saved["folder"] != state.folder:
                 raise SaelabError(
@@ -396,13 +450,15 @@ class Trainer:
             state.optimizer.load_state_dict(saved["optimizer"])
             state.fired_total_F.copy_(saved["fired_total"])
             state.tokens_since_fired_F.copy_(saved["tokens_since_fired"])
-            if state.resampler is not None and saved.get("resampler") is not None:
-                state.resampler.load_state_dict(saved["resampler"], state.sae.W_enc.device)
+            resampler_state = saved.get("resampler") if own is None else own["resamplers"][j]
+            if state.resampler is not None and resampler_state is not None:
+                state.resampler.load_state_dict(resampler_state, state.sae.W_enc.device)
         if hasattr(stream, "load_state_dict"):
-            stream.load_state_dict(load_state(path, "stream"))
+            mine = None if own is None else own["stream"]
+            stream.load_state_dict(mine if mine is not None else load_state(path, "stream"))
         self.step = int(trainer_state["step"])
         self.tokens = int(trainer_state["tokens"])
-        torch.set_rng_state(trainer_state["rng"])
+        torch.set_rng_state(trainer_state["rng"] if own is None else own["rng"])
         if trainer_state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
         if self.cfg.checkpoint_every_tokens:
@@ -411,19 +467,39 @@ class Trainer:
         log.info("resumed from %s at step %d (%d tokens)", path, self.step, self.tokens)
         return True
 
+    def _check_same_job(self, path: Path, trainer_state: dict[str, Any]) -> None:
+        """A checkpoint resumes only with the number of processes (and mode) that wrote it: the
+        text shards, batch shares and SAE owners depend on both."""
+        world = int(trainer_state.get("world_size", 1))
+        mode = trainer_state.get("distributed")
+        here = self.dist.mode if self.dist.active else None
+        if world != self.dist.world_size:
+            how = "without torchrun" if world == 1 else f"with torchrun and {world} processes"
+            raise SaelabError(
+                f"checkpoint {path} was written by {world} process(es) but this run has "
+                f"{self.dist.world_size}; resume it {how} (nodes × processes per node)"
+            )
+        if world > 1 and mode != here:
+            raise SaelabError(
+                f"checkpoint {path} was written in {mode} mode, this run is in {here} mode; "
+                f"resume it with --dist-mode {mode}"
+            )
+
     # ----- the end -----------------------------------------------------------------------------
 
     def _finish(self, stream: Any) -> dict[str, dict[str, float]]:
-        results: dict[str, dict[str, float]] = {}
-        for state in self.states:
+        """Save the SAEs (each by one process) and return every SAE's results, in run order."""
+        results = []
+        for i, state in zip(self.sae_ids, self.states, strict=True):
             density_F = state.fired_total_F.double().cpu() / max(self.tokens, 1)
-            results[state.folder] = {
+            result = {
                 "tokens": self.tokens,
                 "frac_dead": float(state.dead_F().double().mean()),
                 "frac_never_fired": float((state.fired_total_F == 0).double().mean()),
                 **{k: v for k, v in state.last_losses.items()},
             }
-            if self.out_dir is not None:
+            results.append((i, (state.folder, result)))
+            if self.out_dir is not None and (self.dist.is_main or self.dist.sae_parallel):
                 save_sae(
                     state.sae,
                     self.out_dir / state.folder,
@@ -432,4 +508,5 @@ class Trainer:
                 )
         if self.logger is not None:
             self.logger.close()
-        return results
+        self.dist.barrier()  # every SAE is saved before any process moves on
+        return dict(self.dist.gather_in_order(results))

@@ -1,0 +1,1 @@
+"""Using trained SAEs: feature statistics and dashboards, circuits, steering."""

@@ -1,0 +1,56 @@
+"""Steering vectors (METHODS §8): the public API in one place.
+
+The work is split by job: ``steering_data`` (pairs, prompts, text rows), ``steering_vectors``
+(the vector and its folder), ``steering_build`` (CAA, ActAdd, mean-centring, SAE features),
+``steering_apply`` (hooks while scoring and generating), ``steering_score`` (effect and cost,
+coefficient sweeps), ``steering_transfer`` (other layers, other models), ``steering_run`` (the
+``saelab steer`` job) and ``steering_plot``.
+
+Example:
+    >>> from saelab.analysis.steering import Steering, caa_vector, generate, read_pairs, sweep
+    >>> pairs = read_pairs("pairs.jsonl")
+    >>> vector = caa_vector(model, tokenizer, pairs, "blocks.6.hook_resid_post")
+    >>> sweep(model, tokenizer, vector, [-4, 0, 4], pairs=pairs)
+    >>> generate(model, tokenizer, "I think", Steering(vector, 4.0))
+"""
+
+from saelab.analysis.steering_apply import Steering, default_positions, generate, steer
+from saelab.analysis.steering_build import (
+    actadd_vector,
+    build_vector,
+    caa_vector,
+    mean_centred_vector,
+    sae_clamp_vector,
+    sae_feature_vector,
+)
+from saelab.analysis.steering_data import ContrastPair, read_pairs, read_text_rows
+from saelab.analysis.steering_run import run_steer
+from saelab.analysis.steering_score import SWEEP_KEYS, cost_sweep, effect_sweep, sweep
+from saelab.analysis.steering_transfer import layer_transfer, model_transfer
+from saelab.analysis.steering_vectors import SteeringVector, load_vector, save_vector
+
+__all__ = [
+    "SWEEP_KEYS",
+    "ContrastPair",
+    "Steering",
+    "SteeringVector",
+    "actadd_vector",
+    "build_vector",
+    "caa_vector",
+    "cost_sweep",
+    "default_positions",
+    "effect_sweep",
+    "generate",
+    "layer_transfer",
+    "load_vector",
+    "mean_centred_vector",
+    "model_transfer",
+    "read_pairs",
+    "read_text_rows",
+    "run_steer",
+    "sae_clamp_vector",
+    "sae_feature_vector",
+    "save_vector",
+    "steer",
+    "sweep",
+]
