@@ -4,7 +4,6 @@ on the real default model."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,8 @@ from saelab.saes.storage import save_sae
 from saelab_cli import run_saelab
 from tiny_models import D_MODEL
 
-DEMO_SAE = Path(__file__).resolve().parents[2] / "runs/demo/blocks.6.hook_resid_post-topk-x16-k32"
+DEFAULT_D_MODEL = 576
+"""SmolLM2-135M's residual width."""
 
 
 @pytest.mark.e2e
@@ -57,12 +57,21 @@ def test_features_of_a_folder_without_an_sae_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_demo_sae_statistics_on_the_default_model(tmp_path):
+def test_sae_statistics_on_the_default_model(tmp_path):
     from saelab.analysis.features import write_feature_stats
 
-    # 1024 of the 9216 features: logit effects of all of them alone take ~10 s on 2 cores.
+    # A freshly initialised TopK SAE saved for the default model's layer 6 (a clean clone has no
+    # trained one): the real model, tokenizer, text and unembedding are what this test exercises.
+    sae_dir = tmp_path / "sae"
+    cfg = SAEConfig(hook="blocks.6.hook_resid_post", k=32, width=2048)
+    save_sae(
+        TopKSAE(cfg, d_in=DEFAULT_D_MODEL, seed=0),
+        sae_dir,
+        metadata={"model_name": "default", "dataset_path": "default"},
+    )
+    # 1024 of the 2048 features: the logit-effect product is the slow part on 2 cores.
     stats, out = write_feature_stats(
-        DEMO_SAE,
+        sae_dir,
         tmp_path / "features",
         tokens=2048,
         top_k=8,
@@ -70,9 +79,9 @@ def test_demo_sae_statistics_on_the_default_model(tmp_path):
         progress=False,
     )
     F = stats.n_features
-    assert F == 1024 and stats.meta["d_sae"] == 9216
+    assert F == 1024 and stats.meta["d_sae"] == 2048
     assert stats.tensors["top_acts"].shape == (F, 8, 17) and stats.tokens.shape == (16, 128)
-    assert 0 < stats.summary()["mean_l0"] <= 32  # TopK k=32 over all 9216 features
+    assert 0 < stats.summary()["mean_l0"] <= 32  # TopK k=32 over all 2048 features
     back = FeatureStats.load(out)
     live = int(back.fired.argmax())
     example = back.top_examples(live)[0]
