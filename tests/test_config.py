@@ -105,6 +105,7 @@ def test_dump_roundtrips_every_field_set_away_from_its_default(tmp_path):
         gated_penalty="april",
         jumprelu_bandwidth=0.002,
         jumprelu_init_threshold=0.003,
+        jumprelu_threshold_lr_scale=12.0,
         threshold_ema_lr=0.05,
         matryoshka_widths=(50, 100),
         name="mine",

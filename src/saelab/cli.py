@@ -189,6 +189,11 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument(
         "--dtype", default="float32", help="stored dtype: float32 (default), bfloat16 or float16"
     )
+    cache.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished cache in --out (same arguments) where it stopped",
+    )
 
     from saelab.saes.formats import FORMATS
 
@@ -320,7 +325,14 @@ def _parser() -> argparse.ArgumentParser:
         "--sae-units", choices=SAE_UNITS, default="max_act", help="what coefficient 1 means"
     )
     how.add_argument(
-        "--max-act", type=float, help="the feature's max activation if known (else measured)"
+        "--max-act",
+        type=float,
+        help="the feature's max activation if known (else from --stats, else measured)",
+    )
+    how.add_argument(
+        "--stats",
+        metavar="DIR",
+        help="max_act unit: this SAE's saelab features statistics (default SAE_DIR/features)",
     )
     use = steer.add_argument_group("the sweep")
     use.add_argument("--model", default="default", help=TRAIN_FLAGS["--model"][2])
@@ -487,7 +499,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     from saelab.config import SAEConfig
     from saelab.data.cache import cache_model_activations
+    from saelab.training.distributed import is_main_process
 
+    # The writer is one process: under torchrun rank 0 writes the cache (and resumes it) alone,
+    # rather than every rank writing the same files.
+    if not is_main_process():
+        return 0
     index = cache_model_activations(
         args.model,
         args.hooks or [SAEConfig().hook],
@@ -501,6 +518,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         model_batch_size=args.model_batch_size,
         seed=args.seed,
         progress=not args.quiet,
+        resume=args.resume,
     )
     print(f"cached {index.count:,} tokens of {', '.join(index.hooks)} in {args.out}")
     return 0
@@ -667,6 +685,7 @@ def _cmd_steer(args: argparse.Namespace) -> int:
             feature=args.feature,
             sae_units=args.sae_units,
             max_act=args.max_act,
+            stats=args.stats,
             seed=args.seed,
         )
     coefs = {} if args.coefs is None else {"coefs": tuple(c for group in args.coefs for c in group)}

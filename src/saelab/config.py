@@ -147,6 +147,10 @@ class SAEConfig:
     jumprelu_init_threshold: float = 0.001
     """JumpReLU: initial threshold θ of every feature, relative like ``jumprelu_bandwidth``
     (used as θ·sqrt(d_in)); default Gemma Scope's 0.001."""
+    jumprelu_threshold_lr_scale: float | None = None
+    """JumpReLU: θ's learning rate as a multiple of the run's (same warm-up and decay). Default
+    sqrt(d_in): Adam moves θ by about its rate per step, and θ is in activation units, sqrt(d_in)
+    larger in saelab's units than in Gemma Scope's (where θ learns at the run's rate)."""
     threshold_ema_lr: float = 0.01
     """BatchTopK/Matryoshka: rate of the moving average θ ← (1 − r)θ + r·(smallest kept
     activation of the batch) that gives the inference threshold (SAELens ``topk_threshold_lr``),
@@ -200,6 +204,10 @@ class SAEConfig:
         _require(self.jumprelu_bandwidth > 0, "sae.jumprelu_bandwidth must be positive")
         _require(self.jumprelu_init_threshold > 0, "sae.jumprelu_init_threshold must be positive")
         _require(
+            self.jumprelu_threshold_lr_scale is None or self.jumprelu_threshold_lr_scale > 0,
+            "sae.jumprelu_threshold_lr_scale must be positive (or unset for sqrt(d_in))",
+        )
+        _require(
             0 < self.threshold_ema_lr <= 1,
             f"sae.threshold_ema_lr must be in (0, 1], got {self.threshold_ema_lr}",
         )
@@ -241,6 +249,11 @@ class SAEConfig:
     def jumprelu_init_threshold_for(self, d_in: int) -> float:
         """Initial θ in saelab's training units (see :meth:`jumprelu_bandwidth_for`)."""
         return self.jumprelu_init_threshold * math.sqrt(d_in)
+
+    def jumprelu_threshold_lr_scale_for(self, d_in: int) -> float:
+        """θ's learning rate ÷ the run's (see ``jumprelu_threshold_lr_scale``)."""
+        scale = self.jumprelu_threshold_lr_scale
+        return scale if scale is not None else math.sqrt(d_in)
 
     def matryoshka_widths_for(self, d_sae: int) -> tuple[int, ...]:
         """Prefix sizes for ``d_sae`` features: the configured ones, or the default fractions."""
@@ -498,8 +511,11 @@ class SteerVectorConfig:
     sae_units: str = "max_act"
     """sae-feature / sae-clamp: what coefficient 1 means; one of :data:`SAE_UNITS`."""
     max_act: float | None = None
-    """sae units ``max_act``: the feature's largest activation when known (e.g. from ``saelab
-    features``); default: measured on ``tokens`` tokens of ``general``."""
+    """sae units ``max_act``: the feature's largest activation when known; default: from the
+    feature statistics (``stats``), else measured on ``tokens`` tokens of ``general``."""
+    stats: str | None = None
+    """sae units ``max_act``: a folder of ``saelab features`` statistics of this SAE to take the
+    feature's max activation from. Default: ``SAE_DIR/features`` when it holds them."""
     seed: int = 0
     """Order of the documents read from ``target`` and ``general``."""
 
@@ -539,6 +555,10 @@ class SteerVectorConfig:
         _require(
             self.max_act is None or self.max_act > 0,
             f"--max-act must be a positive activation, got {self.max_act}",
+        )
+        _require(
+            self.stats is None or self.method.startswith("sae-"),
+            f"--stats is for --method sae-feature or sae-clamp, not {self.method}; drop it",
         )
 
     @property

@@ -179,3 +179,23 @@ def test_search_tokens_are_a_window_around_each_max_token():
     preview, near = preview_and_search_tokens([ex, ex2], window=2)
     assert preview == ["10", "y"]
     assert near == ["8", "9", "10", "11", "12", "x", "y"]
+
+
+def test_feature_page_shows_the_steer_command_escaped_and_parseable():
+    import shlex
+
+    from saelab.cli import _parser
+
+    sae_dir = f"runs/{EVIL} it's"
+    stats = FakeStats(meta={"model": "default", "hook": "blocks.0.x", "sae_dir": sae_dir})
+    for i in range(stats.n):
+        tree = Tree(feature_page(stats, i, title="t"))
+        assert not [t for t, _ in tree.tags if t == "script"]
+        assert all(not k.startswith("on") for _, attrs in tree.tags for k in attrs)
+        argv = shlex.split(tree.text[tree.text.index("Steer with this feature: ") + 1])
+        args = _parser().parse_args(argv[1:])
+        assert argv[0] == "saelab" and args.command == "steer" and args.method == "sae-feature"
+        assert (args.sae, args.hook, args.feature) == (sae_dir, "blocks.0.x", i)
+        assert args.model == "default"
+        # A dead feature has no max activation to be the unit: it steers in residual norms.
+        assert args.sae_units == ("resid_norm" if i in stats.dead else "max_act")

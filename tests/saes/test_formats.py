@@ -430,7 +430,7 @@ ROUND_TRIPS = [
     ("topk", True, "dictionary_learning", True),
     ("gated", True, "dictionary_learning", True),
     ("batchtopk", True, "dictionary_learning", True),
-    ("jumprelu", False, "dictionary_learning", False),  # θ is stored as log θ
+    ("jumprelu", False, "dictionary_learning", True),
     ("matryoshka", True, "saelens", True),
 ]
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from saelab.config import SAEConfig, TrainConfig
+from saelab.errors import SaelabError
 from saelab.saes.jumprelu import JumpReLUSAE, heaviside_step, jumprelu
+from saelab.training.checkpoint import latest_checkpoint, load_state, save_state
 from saelab.training.trainer import Trainer
 from synthetic import sparse_stream
 
@@ -71,7 +73,7 @@ def _random_sae(*, apply_b_dec: bool = False, l1: float = 0.3) -> JumpReLUSAE:
         for name in PARAMS:
             p = getattr(sae, name)
             p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-        sae.log_threshold.copy_(torch.log(0.1 + 0.5 * torch.rand(WIDTH, generator=g)))
+        sae.threshold.copy_(0.1 + 0.5 * torch.rand(WIDTH, generator=g))
     return sae
 
 
@@ -109,7 +111,7 @@ def test_training_step_matches_the_formulas(apply_b_dec):
     torch.testing.assert_close(out.feats.to_dense(), f.detach())
     for name, ref in zip(PARAMS, (W_enc, b_enc, W_dec, b_dec), strict=True):
         torch.testing.assert_close(getattr(sae, name).grad, ref.grad, msg=name)
-    torch.testing.assert_close(sae.log_threshold.grad, theta * d_theta)  # chain rule: θ = e^{log θ}
+    torch.testing.assert_close(sae.threshold.grad, d_theta)  # θ itself is the parameter
 
 
 def test_l0_penalty_moves_thresholds_not_the_encoder():
@@ -121,7 +123,7 @@ def test_l0_penalty_moves_thresholds_not_the_encoder():
     sae.training_step(x).loss.backward()
     for name in PARAMS:
         torch.testing.assert_close(sae.get_parameter(name).grad, no_penalty[name])
-    assert not torch.allclose(sae.log_threshold.grad, no_penalty["log_threshold"])
+    assert not torch.allclose(sae.threshold.grad, no_penalty["threshold"])
 
 
 def test_inference_is_a_hard_threshold_and_init_is_in_sqrt_d_units():
@@ -162,4 +164,75 @@ def test_trains_with_the_real_trainer():
     assert after.loss.item() < 0.5 * before.loss.item()
     assert after.losses["mse"].item() < 0.5 * before.losses["mse"].item()
     assert not torch.equal(sae.threshold, theta_before)  # θ learns through the estimator
-    assert bool((sae.threshold > 0).all())
+    assert bool((sae.threshold >= 0).all())  # projected onto θ ≥ 0 after every update
+
+
+def test_threshold_takes_adam_steps_of_its_own_learning_rate():
+    # Adam's first step moves each parameter by lr·sign(grad) (bias-corrected moments), so θ moves
+    # by exactly lr × jumprelu_threshold_lr_scale and the other parameters by at most lr.
+    lr, scale = 1e-3, 7.0
+    cfg = SAEConfig(
+        hook="h",
+        architecture="jumprelu",
+        width=64,
+        l1_coefficient=0.5,
+        jumprelu_bandwidth=0.5,
+        jumprelu_init_threshold=0.5,
+        jumprelu_threshold_lr_scale=scale,
+    )
+    sae = JumpReLUSAE(cfg, 16, seed=0)
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    train = TrainConfig(tokens=64, batch_size=64, lr=lr, lr_warmup_frac=0, lr_decay_frac=0)
+    Trainer([sae], train, progress=False).fit(sparse_stream(16))
+    moved_F = (sae.threshold - before["threshold"]).abs()
+    assert int((moved_F > 0).sum()) >= 10, "the test needs features inside the kernel"
+    torch.testing.assert_close(
+        moved_F[moved_F > 0], torch.full_like(moved_F[moved_F > 0], lr * scale)
+    )
+    for name in ("W_enc", "b_enc", "b_dec"):  # (W_dec is renormalised after the step)
+        assert (sae.get_parameter(name) - before[name]).abs().max() <= lr * 1.001, name
+    assert JumpReLUSAE(SAEConfig(architecture="jumprelu", width=8), 16).lr_scales() == {
+        "threshold": pytest.approx(4.0)  # default √d_in
+    }
+
+
+def test_l0_falls_with_the_coefficient_as_thresholds_learn():
+    # Sparse data: every input is 3 of 64 directions. A few hundred steps must take θ far from its
+    # tiny Gemma Scope initial value, and a larger L0 coefficient must give a smaller L0 — near the
+    # true 3 for the largest. (With θ trained as log θ, L0 barely depended on the coefficient.)
+    held_out = next(sparse_stream(16, seed=99, batch=512))["h"]
+    l0s = []
+    for coefficient in (0.01, 0.1, 1.0):
+        cfg = SAEConfig(hook="h", architecture="jumprelu", width=64, l1_coefficient=coefficient)
+        sae = JumpReLUSAE(cfg, 16, seed=0)
+        theta_init = sae.threshold.detach().clone()
+        train = TrainConfig(tokens=200 * 64, batch_size=64, lr=3e-3)
+        Trainer([sae], train, progress=False).fit(sparse_stream(16))
+        with torch.no_grad():
+            l0s.append(sae.training_step(held_out * sae.activation_scale).losses["l0"].item())
+        assert sae.threshold.mean() > 10 * theta_init.mean()
+        assert bool((sae.threshold >= 0).all())
+    assert l0s[0] > 1.5 * l0s[1] > 1.5 * 1.5 * l0s[2], l0s
+    assert l0s[2] < 2 * 3, l0s
+
+
+def test_resume_refuses_a_checkpoint_with_other_parameters_in_one_line(tmp_path):
+    cfg = SAEConfig(hook="h", architecture="jumprelu", width=32)
+    train = TrainConfig(tokens=3 * 64, batch_size=64, lr=1e-3, checkpoint_every_tokens=64)
+    sae = JumpReLUSAE(cfg, 16, seed=0)
+    Trainer([sae], train, tmp_path, progress=False, tensorboard=False).fit(sparse_stream(16))
+    # A run of this version resumes ...
+    same = JumpReLUSAE(cfg, 16, seed=1)
+    assert Trainer([same], train, tmp_path, progress=False, tensorboard=False).resume(
+        sparse_stream(16)
+    )
+    path = latest_checkpoint(tmp_path)
+    saved = load_state(path, "sae_0")
+    assert torch.equal(same.threshold, saved["params"]["threshold"])
+    # ... one written when θ was stored as log θ does not, with a one-line error.
+    saved["params"]["log_threshold"] = saved["params"].pop("threshold").log()
+    save_state(path, "sae_0", saved)
+    fresh = Trainer([JumpReLUSAE(cfg, 16)], train, tmp_path, progress=False, tensorboard=False)
+    with pytest.raises(SaelabError, match="another saelab version") as err:
+        fresh.resume(sparse_stream(16))
+    assert "\n" not in str(err.value)

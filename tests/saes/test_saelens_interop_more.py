@@ -58,7 +58,7 @@ def _saelab_sae(case: str, scale: float = 0.37) -> SparseAutoencoder:
     _randomise_(sae, [n for n, _ in sae.named_parameters()], seed=1)
     with torch.no_grad():
         if isinstance(sae, JumpReLUSAE):
-            sae.log_threshold.copy_(torch.log(0.05 + torch.rand(WIDTH)))
+            sae.threshold.copy_(0.05 + torch.rand(WIDTH))
         if isinstance(sae, BatchTopKSAE):
             sae.threshold.fill_(0.3)
         sae.activation_scale.fill_(scale)  # exercises the folding on save
@@ -104,16 +104,12 @@ def test_save_load_reproduces_the_sae(case, tmp_path):
         torch.testing.assert_close(loaded(x), sae(x), **TOL)
     if isinstance(sae, BatchTopKSAE):
         assert loaded.threshold.item() == pytest.approx(0.3)
-    # Saving the loaded SAE again gives the same tensors (bit-identical but for JumpReLU's θ,
-    # which goes through log and exp).
+    # Saving the loaded SAE again gives bit-identical tensors (JumpReLU's θ included).
     save_sae(loaded, tmp_path / "b")
     first, second = (load_file(tmp_path / d / WEIGHTS_FILENAME) for d in ("a", "b"))
     assert set(first) == set(second) == set(type(sae).saved_tensor_shapes(D_IN, WIDTH))
     for name in first:
-        if isinstance(sae, JumpReLUSAE) and name == "threshold":
-            torch.testing.assert_close(second[name], first[name], rtol=1e-6, atol=0)
-        else:
-            assert torch.equal(second[name], first[name]), name
+        assert torch.equal(second[name], first[name]), name
 
 
 def test_saved_batchtopk_threshold_is_theta_for_every_feature(tmp_path):

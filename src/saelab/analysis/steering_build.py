@@ -8,8 +8,9 @@
   and special tokens excluded).
 * **sae-feature** ``v = u·d_i`` (``d_i`` the raw decoder row in model units) and **sae-clamp**
   (``h ← h + (c·u − f_i(h))·d_i``), ``u`` the unit of :data:`~saelab.config.SAE_UNITS`:
-  ``max_act`` the feature's largest activation on the general text (or ``max_act`` when known,
-  e.g. from ``saelab features``), ``resid_norm``
+  ``max_act`` the feature's largest activation: ``max_act`` when given, else from saved feature
+  statistics (``SAE_DIR/features`` or ``stats``; see :mod:`.steering_units`), else measured on
+  the general text (``source["max_act_source"]`` says which), ``resid_norm``
   ``mean‖h‖/‖d_i‖`` so that c = 1 adds a vector as long as the mean residual, ``activation`` 1.
   Both steer at the SAE's own hook, in model units.
 
@@ -41,6 +42,7 @@ from saelab.analysis.steering_data import (
     read_text_rows,
     right_pad,
 )
+from saelab.analysis.steering_units import find_stats_dir, stats_max_act
 from saelab.analysis.steering_vectors import (
     SteeringVector,
     check_fits,
@@ -235,6 +237,7 @@ def _sae_vector(
     seed: int,
     model_name: str | None,
     max_act: float | None = None,
+    stats: str | Path | None = None,
     sae_dir: str | None = None,
 ) -> SteeringVector:
     if not isinstance(sae, SparseAutoencoder):
@@ -244,21 +247,27 @@ def _sae_vector(
     hook = check_fits(model, SteeringVector(d_D, sae.cfg.hook, method, model_label(model)))
     details: dict[str, Any] = {"sae": sae_dir, "feature": feature, "units": units}
     unit = 1.0
+    stats_dir = find_stats_dir(sae_dir, stats) if units == "max_act" else None
     if units == "max_act" and max_act is not None:
         unit = details["max_act"] = float(max_act)
+        details["max_act_source"] = "given"
+    elif units == "max_act" and stats_dir is not None:
+        details.update(stats_max_act(stats_dir, sae, feature, sae_dir=sae_dir))
+        unit = details["max_act"]
     elif units != "activation":
         rows = read_text_rows(general, tokenizer, tokens=tokens, context=context, seed=seed)
-        stats = feature_statistics(model, sae.to(_device(model)), feature, rows)
-        details.update(general=rows.source, **stats)
+        measured = feature_statistics(model, sae.to(_device(model)), feature, rows)
+        details.update(general=rows.source, **measured)
         if units == "max_act":
-            if stats["max_act"] <= 0:
+            details["max_act_source"] = "measured"
+            if measured["max_act"] <= 0:
                 raise SaelabError(
-                    f"feature {feature} never fired on {stats['tokens']} tokens of "
+                    f"feature {feature} never fired on {measured['tokens']} tokens of "
                     f"{rows.source!r}; use --sae-units resid_norm or activation, or more --tokens"
                 )
-            unit = stats["max_act"]
+            unit = measured["max_act"]
         else:
-            unit = stats["resid_norm"] / float(d_D.norm())
+            unit = measured["resid_norm"] / float(d_D.norm())
     # Feature activation per unit of coefficient: c·unit is the value added or clamped to.
     details["unit_scale"] = unit
     name = model_name or model_label(model)
@@ -280,10 +289,12 @@ def sae_feature_vector(
     seed: int = 0,
     model_name: str | None = None,
     max_act: float | None = None,
+    stats: str | Path | None = None,
 ) -> SteeringVector:
     """An SAE feature's decoder direction ``u·d_i`` at the SAE's hook (see the module doc for
     ``units``). ``sae`` is an SAE or its folder (a folder is recorded, so the vector can be
-    traced back)."""
+    traced back). ``max_act`` overrides the unit; ``stats`` names a folder of feature statistics
+    to read it from (default: ``SAE_DIR/features`` when it holds them)."""
     return _sae_vector(
         "sae-feature",
         model,
@@ -297,6 +308,7 @@ def sae_feature_vector(
         seed=seed,
         model_name=model_name,
         max_act=max_act,
+        stats=stats,
     )
 
 
@@ -313,6 +325,7 @@ def sae_clamp_vector(
     seed: int = 0,
     model_name: str | None = None,
     max_act: float | None = None,
+    stats: str | Path | None = None,
 ) -> SteeringVector:
     """Clamping feature i to ``c·u`` with the error term kept: ``h + (c·u − f_i(h))·d_i``.
 
@@ -332,6 +345,7 @@ def sae_clamp_vector(
         seed=seed,
         model_name=model_name,
         max_act=max_act,
+        stats=stats,
     )
 
 
@@ -397,6 +411,7 @@ def _build_sae(model, tokenizer, cfg: SteerVectorConfig, name: str | None) -> St
         seed=cfg.seed,
         model_name=name,
         max_act=cfg.max_act,
+        stats=cfg.stats,
         sae_dir=sae_dir,
     )
 

@@ -9,7 +9,13 @@ A cache folder::
                                   row counts, the text settings, a sha256 checksum per shard
 
 Every file is written to a temp name and renamed, ``index.json`` last: a folder that has one is
-complete. The tokens are chosen exactly as :class:`~saelab.data.activations.ActivationStream`
+complete. Until then ``progress.json`` (rewritten after every shard) records the arguments, the
+shards written with their checksums, the text position, the running sums of the scales and a
+``pending_NNNNN.safetensors`` file of rows read but not yet in a shard, so an interrupted cache
+is continued with ``resume=True`` (``saelab cache --resume``) into exactly the cache an
+uninterrupted run writes; both are removed once ``index.json`` is written.
+
+The tokens are chosen exactly as :class:`~saelab.data.activations.ActivationStream`
 chooses them (same packing, BOS and special tokens dropped) and the scales are estimated the same
 way, so a run trained from the cache sees what a run on the model would have seen.
 
@@ -43,6 +49,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from safetensors import safe_open
+from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -61,6 +68,10 @@ INDEX_FILENAME = "index.json"
 SHARD_PATTERN = "shard_{:05d}.safetensors"
 FORMAT = "saelab-activation-cache"
 FORMAT_VERSION = 1
+PROGRESS_FILENAME = "progress.json"
+PROGRESS_FORMAT = "saelab-activation-cache-progress"
+PENDING_PATTERN = "pending_{:05d}.safetensors"
+PENDING_GLOB = "pending_*.safetensors"
 
 CACHE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -168,38 +179,202 @@ def read_cache_index(cache_dir: str | Path) -> CacheIndex:
 # ----- writing ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CacheArguments:
+    """Everything that decides a cache's bytes; a resumed cache must be written with the same."""
+
+    model: str
+    """Model name as given (a local folder is recorded as its absolute path)."""
+    hooks: tuple[str, ...]
+    """Hook points, in order, duplicates dropped."""
+    tokens: int
+    """Rows (kept tokens) to cache in all."""
+    dataset: str = "default"
+    """Text spec (a local file is recorded as its absolute path)."""
+    context: int = 128
+    """Tokens per sequence."""
+    model_batch_size: int = 32
+    """Sequences per model forward pass."""
+    seed: int = 0
+    """Seed of the text order: the only randomness in writing a cache."""
+    skip_positions: int = 1
+    """Leading positions of each sequence that are not cached (1: BOS)."""
+    norm_estimate_tokens: int = 32_768
+    """The first rows whose mean norm gives each hook's scale."""
+    shard_tokens: int = 65_536
+    """Rows per shard."""
+    dtype: str = "float32"
+    """Stored dtype, one of :data:`CACHE_DTYPES`."""
+
+    def __post_init__(self) -> None:
+        if not self.hooks:
+            raise SaelabError("no hook to cache; pass at least one --hook")
+        if self.tokens < 1 or self.shard_tokens < 1:
+            raise SaelabError(
+                f"--tokens and --shard-tokens must be positive, got {self.tokens}, "
+                f"{self.shard_tokens}"
+            )
+        if self.dtype not in CACHE_DTYPES:
+            raise SaelabError(
+                f"cache dtype {self.dtype!r} unknown; choose one of {', '.join(CACHE_DTYPES)}"
+            )
+        if self.norm_estimate_tokens < 1:
+            raise SaelabError(
+                f"norm_estimate_tokens must be positive, got {self.norm_estimate_tokens}"
+            )
+
+    def recorded(self) -> dict[str, Any]:
+        """The JSON form kept in ``progress.json`` and compared on resume."""
+        out = asdict(self)
+        out["hooks"] = list(self.hooks)
+        out["model"] = _local_or_name(self.model)
+        out["dataset"] = _local_or_name(self.dataset)
+        return out
+
+
+# ----- progress of an unfinished cache --------------------------------------------------------
+
+
+@dataclass
+class _Progress:
+    """The writer's whole state after its last finished shard, so a resume goes on exactly as an
+    uninterrupted run would (same shards, counts, scales and checksums).
+
+    The text position is a count of token batches (:class:`TokenBatches` skips to it); the rows
+    of the last model batch that did not fit in the shard are kept in a small ``pending`` file
+    instead of being recomputed, because a second forward pass need not be bitwise identical.
+    There is no other randomness: the text order comes from the seed and the model is in eval mode.
+    """
+
+    arguments: dict[str, Any]
+    shards: list[CacheShard]
+    text_batches: int
+    """Token batches read so far (``TokenBatches.batches_yielded``)."""
+    norm_sums: dict[str, float]
+    """Per hook Σ‖x‖ over the first ``norm_rows`` rows, in float64 so the order of sums is moot
+    (and exact through JSON)."""
+    norm_rows: int
+    pending: CacheShard | None
+    """Rows read but not yet in a shard, as a file like a shard (``pending_NNNNN``)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PROGRESS_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "arguments": self.arguments,
+            "shards": [asdict(s) for s in self.shards],
+            "text_batches": self.text_batches,
+            "norm_sums": self.norm_sums,
+            "norm_rows": self.norm_rows,
+            "pending": asdict(self.pending) if self.pending else None,
+        }
+
+    @classmethod
+    def read(cls, path: Path) -> _Progress:
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != PROGRESS_FORMAT or raw["format_version"] != FORMAT_VERSION:
+                raise ValueError(f"format {raw.get('format')!r} v{raw.get('format_version')}")
+            return cls(
+                arguments=dict(raw["arguments"]),
+                shards=[CacheShard(**s) for s in raw["shards"]],
+                text_batches=int(raw["text_batches"]),
+                norm_sums={h: float(v) for h, v in raw["norm_sums"].items()},
+                norm_rows=int(raw["norm_rows"]),
+                pending=CacheShard(**raw["pending"]) if raw["pending"] else None,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SaelabError(
+                f"{path} is not a saelab cache progress file ({reason}); delete "
+                f"{path.parent} and cache again, or choose another --out"
+            ) from exc
+
+
 def _local_or_name(spec: str) -> str:
     """Absolute path for a local file or folder (the cache is reused from elsewhere), else as is."""
     path = Path(spec).expanduser()
     return str(path.resolve()) if spec != "default" and path.exists() else spec
 
 
-def _check_options(
-    hooks: list[str], out_dir: Path, tokens: int, shard_tokens: int, dtype: str
-) -> None:
-    """Mistakes that can be caught before any model is loaded."""
-    if not hooks:
-        raise SaelabError("no hook to cache; pass at least one --hook")
-    if tokens < 1 or shard_tokens < 1:
-        raise SaelabError(
-            f"--tokens and --shard-tokens must be positive, got {tokens}, {shard_tokens}"
-        )
-    if dtype not in CACHE_DTYPES:
-        raise SaelabError(f"cache dtype {dtype!r} unknown; choose one of {', '.join(CACHE_DTYPES)}")
+def _check_folder(out_dir: Path, arguments: CacheArguments, resume: bool) -> _Progress | None:
+    """What ``out_dir`` holds, checked before any model is loaded: the progress to resume from,
+    or None to start afresh. Checksums are checked later, by :func:`_verify_written`."""
     if out_dir.exists() and not out_dir.is_dir():
         raise SaelabError(f"--out {out_dir} is a file; pass a folder for the cache")
     if (out_dir / INDEX_FILENAME).exists():
+        if resume:
+            raise SaelabError(
+                f"{out_dir} already holds a complete activation cache; nothing to resume "
+                "(train from it with --activations)"
+            )
         raise SaelabError(
             f"{out_dir} already holds an activation cache; choose another --out or delete it"
+        )
+    path = out_dir / PROGRESS_FILENAME
+    if not path.is_file():
+        if resume:
+            raise SaelabError(
+                f"nothing to resume: {out_dir} holds no unfinished activation cache (no "
+                f"{PROGRESS_FILENAME}); drop --resume"
+            )
+        return None
+    if not resume:
+        raise SaelabError(
+            f"{out_dir} holds an unfinished activation cache; pass --resume to continue it, "
+            "or choose another --out"
+        )
+    progress = _Progress.read(path)
+    now = arguments.recorded()
+    for name in [*now, *(k for k in progress.arguments if k not in now)]:
+        before, after = progress.arguments.get(name), now.get(name)
+        if before != after:
+            raise SaelabError(
+                f"cannot resume the cache in {out_dir}: it was started with {name}={before!r} "
+                f"but this run has {name}={after!r}; resume with the same arguments or choose "
+                "another --out"
+            )
+    return progress
+
+
+def _verify_written(out_dir: Path, progress: _Progress) -> None:
+    """Every file the progress record names must be there with its recorded checksum. A damaged
+    shard is an error, not rewritten: the state to recompute it from is gone (it is only kept for
+    the last shard), and damage after an atomic write means something else touched the folder."""
+    for entry in [*progress.shards, *([progress.pending] if progress.pending else [])]:
+        path = out_dir / entry.file
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != entry.bytes or _file_sha256(path) != entry.sha256:
+            problem = "fails its sha256 checksum (changed or corrupt since it was written)"
+        else:
+            continue
+        raise SaelabError(
+            f"cannot resume: {path} {problem}; delete {out_dir} and cache again, or choose "
+            "another --out"
         )
 
 
 def _clear_incomplete(out_dir: Path) -> None:
+    """Remove what a writer without a progress record left (it cannot be resumed), and temp
+    files a killed writer could not remove."""
     stale = sorted(out_dir.glob("shard_*.safetensors"))
     if stale:
         log.info("removing %d shard(s) of an unfinished cache in %s", len(stale), out_dir)
-    for path in stale:
+    for path in [*stale, *_progress_files(out_dir), *_temp_files(out_dir)]:
         path.unlink()
+
+
+def _progress_files(out_dir: Path) -> list[Path]:
+    return [p for p in [out_dir / PROGRESS_FILENAME] if p.is_file()] + sorted(
+        out_dir.glob(PENDING_GLOB)
+    )
+
+
+def _temp_files(out_dir: Path) -> list[Path]:
+    """Temp files of :func:`write_atomically` for this writer's files (a killed writer's)."""
+    names = (".shard_*.tmp", f".{PENDING_GLOB}.*.tmp", ".*.json.*.tmp")
+    return sorted({p for pattern in names for p in out_dir.glob(pattern)})
 
 
 def _write_shard(path: Path, rows: dict[str, Tensor]) -> CacheShard:
@@ -207,6 +382,38 @@ def _write_shard(path: Path, rows: dict[str, Tensor]) -> CacheShard:
     write_atomically(path, lambda p: p.write_bytes(data))
     count = next(iter(rows.values())).shape[0]
     return CacheShard(path.name, count, len(data), hashlib.sha256(data).hexdigest())
+
+
+def _save_progress(
+    out_dir: Path, progress: _Progress, rest: dict[str, Tensor], text_batches: int
+) -> None:
+    """Record a finished shard: the pending rows under a new name, then ``progress.json``
+    (atomically, so it always names files that exist), then drop the previous pending file."""
+    before = progress.pending
+    n_rest = next(iter(rest.values())).shape[0]
+    name = PENDING_PATTERN.format(len(progress.shards))
+    progress.pending = _write_shard(out_dir / name, rest) if n_rest else None
+    progress.text_batches = text_batches
+    write_json(out_dir / PROGRESS_FILENAME, progress.to_json())
+    if before is not None:
+        (out_dir / before.file).unlink(missing_ok=True)
+
+
+def _load_pending(
+    out_dir: Path, progress: _Progress, d_in: dict[str, int]
+) -> dict[str, list[Tensor]]:
+    """The rows read but not yet written when the progress was recorded, in the stored dtype."""
+    if progress.pending is None:
+        return {h: [] for h in d_in}
+    path = out_dir / progress.pending.file
+    rows = load_file(path)
+    for h, d in d_in.items():
+        if h not in rows or rows[h].shape[1:] != (d,):
+            raise SaelabError(
+                f"cannot resume: {path} does not hold [rows, {d}] rows of {h} (was another model "
+                "used?); delete the folder and cache again, or choose another --out"
+            )
+    return {h: [rows[h]] for h in d_in}
 
 
 def write_activation_cache(
@@ -226,46 +433,85 @@ def write_activation_cache(
     shard_tokens: int = 65_536,
     dtype: str = "float32",
     progress: bool = True,
+    resume: bool = False,
 ) -> CacheIndex:
     """Run ``model`` over ``tokens`` kept tokens of ``dataset`` once and write the cache.
 
     ``model_name`` is recorded (it is how later runs and ``saelab eval`` find the model). If the
     text runs out first, the cache holds what there was and a warning says so.
+
+    After each shard, ``progress.json`` records the state to go on from. With ``resume`` an
+    interrupted cache is continued: the arguments must equal the recorded ones and every written
+    shard must match its recorded checksum (each a one-line error otherwise); the finished cache
+    is byte for byte the one an uninterrupted run writes. Without ``resume``, a folder with an
+    unfinished cache is a one-line error (shards left without a progress record, which cannot be
+    resumed, are removed as before).
     """
-    hooks = list(dict.fromkeys(hooks))
+    arguments = CacheArguments(
+        model=model_name,
+        hooks=tuple(dict.fromkeys(hooks)),
+        tokens=tokens,
+        dataset=dataset,
+        context=context,
+        model_batch_size=model_batch_size,
+        seed=seed,
+        skip_positions=skip_positions,
+        norm_estimate_tokens=norm_estimate_tokens,
+        shard_tokens=shard_tokens,
+        dtype=dtype,
+    )
+    hooks = list(arguments.hooks)
     out_dir = Path(out_dir)
-    _check_options(hooks, out_dir, tokens, shard_tokens, dtype)
-    if norm_estimate_tokens < 1:
-        raise SaelabError(f"norm_estimate_tokens must be positive, got {norm_estimate_tokens}")
+    state = _check_folder(out_dir, arguments, resume)
     d_in = {hook: hook_dim(model, hook) for hook in hooks}  # unknown hooks fail before any work
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_incomplete(out_dir)
+    if state is None:
+        _clear_incomplete(out_dir)
+        state = _Progress(arguments.recorded(), [], 0, dict.fromkeys(hooks, 0.0), 0, None)
+    else:
+        _verify_written(out_dir, state)
+        for path in _temp_files(out_dir):
+            path.unlink()
+        log.info("resuming the cache in %s after %d shard(s)", out_dir, len(state.shards))
 
     batches = TokenBatches(
-        dataset, tokenizer, context=context, batch_size=model_batch_size, seed=seed
+        dataset,
+        tokenizer,
+        context=context,
+        batch_size=model_batch_size,
+        seed=seed,
+        start_batch=state.text_batches,
     )
     specials = special_token_ids(tokenizer)
     stored = CACHE_DTYPES[dtype]
-    pending: dict[str, list[Tensor]] = {h: [] for h in hooks}
-    n_pending = 0
-    shards: list[CacheShard] = []
-    # Σ‖x‖ over the first norm_estimate_tokens rows, in float64 so the order of sums is moot.
-    norm_sums = dict.fromkeys(hooks, 0.0)
-    n_norm = 0
-    written = 0
+    pending = _load_pending(out_dir, state, d_in)
+    n_pending = state.pending.count if state.pending else 0
+    written = sum(s.count for s in state.shards)
 
     def flush(n: int) -> None:
         nonlocal n_pending, written
         rows = {h: torch.cat(pending[h]) for h in hooks}
-        path = out_dir / SHARD_PATTERN.format(len(shards))
-        shards.append(_write_shard(path, {h: r[:n] for h, r in rows.items()}))
+        path = out_dir / SHARD_PATTERN.format(len(state.shards))
+        state.shards.append(_write_shard(path, {h: r[:n] for h, r in rows.items()}))
         for h in hooks:
             pending[h] = [rows[h][n:]]
         n_pending -= n
         written += n
+        _save_progress(out_dir, state, {h: rows[h][n:] for h in hooks}, batches.batches_yielded)
 
-    bar = tqdm(total=tokens, disable=not progress, unit="tok", unit_scale=True, desc="cache")
-    while written + n_pending < tokens:
+    bar = tqdm(
+        total=tokens,
+        initial=written + n_pending,
+        disable=not progress,
+        unit="tok",
+        unit_scale=True,
+        desc="cache",
+    )
+    while True:
+        while n_pending >= shard_tokens:
+            flush(shard_tokens)
+        if written + n_pending >= tokens:
+            break
         tokens_NP = next(batches, None)
         if tokens_NP is None:
             log.warning(
@@ -278,17 +524,15 @@ def write_activation_cache(
         keep_NP = token_mask(tokens_NP, skip_positions, specials)
         acts = model_activations(model, tokens_NP, hooks, keep_NP)
         take = min(int(keep_NP.sum()), tokens - written - n_pending)
-        n_for_norm = min(take, norm_estimate_tokens - n_norm)
+        n_for_norm = min(take, norm_estimate_tokens - state.norm_rows)
         for h in hooks:
             rows_TD = acts[h][:take].cpu()
             if n_for_norm > 0:
-                norm_sums[h] += float(rows_TD[:n_for_norm].double().norm(dim=-1).sum())
+                state.norm_sums[h] += float(rows_TD[:n_for_norm].double().norm(dim=-1).sum())
             pending[h].append(rows_TD.to(stored))
-        n_norm += max(n_for_norm, 0)
+        state.norm_rows += max(n_for_norm, 0)
         n_pending += take
         bar.update(take)
-        while n_pending >= shard_tokens:
-            flush(shard_tokens)
     if n_pending:
         flush(n_pending)
     bar.close()
@@ -297,7 +541,7 @@ def write_activation_cache(
 
     scales = {}
     for h in hooks:
-        mean_norm = norm_sums[h] / n_norm
+        mean_norm = state.norm_sums[h] / state.norm_rows
         if not math.isfinite(mean_norm) or mean_norm == 0:
             raise SaelabError(f"activations at {h} are all zero or not finite; pick another hook")
         scales[h] = math.sqrt(d_in[h]) / mean_norm
@@ -308,7 +552,7 @@ def write_activation_cache(
         dtype=dtype,
         scales=scales,
         count=written,
-        shards=tuple(shards),
+        shards=tuple(state.shards),
         context=context,
         dataset=_local_or_name(dataset),
         seed=seed,
@@ -316,9 +560,14 @@ def write_activation_cache(
         norm_estimate_tokens=norm_estimate_tokens,
         saelab_version=__version__,
     )
-    # Last: its presence marks the cache as complete.
+    # Last: its presence marks the cache as complete; the progress record is then dropped (a
+    # leftover one beside index.json is ignored: the cache is complete).
     write_json(out_dir / INDEX_FILENAME, index.to_json())
-    log.info("cached %d tokens of %s in %d shard(s) at %s", written, hooks, len(shards), out_dir)
+    for path in _progress_files(out_dir):
+        path.unlink()
+    log.info(
+        "cached %d tokens of %s in %d shard(s) at %s", written, hooks, len(index.shards), out_dir
+    )
     return index
 
 
@@ -331,12 +580,23 @@ def cache_model_activations(
     device: str = "cpu",
     dtype: str = "float32",
     shard_tokens: int = 65_536,
+    resume: bool = False,
     **options: Any,
 ) -> CacheIndex:
-    """Load ``model_name`` and :func:`write_activation_cache` from it; the options are checked
-    before the (slow) model load. ``options``: dataset, context, model_batch_size, seed, ...
+    """Load ``model_name`` and :func:`write_activation_cache` from it; the options, the folder
+    and (with ``resume``) the recorded arguments are checked before the (slow) model load.
+    ``options``: dataset, context, model_batch_size, seed, ...
     """
-    _check_options(list(hooks), Path(out_dir), tokens, shard_tokens, dtype)
+    settings = {k: v for k, v in options.items() if k != "progress"}
+    arguments = CacheArguments(
+        model=model_name,
+        hooks=tuple(dict.fromkeys(hooks)),
+        tokens=tokens,
+        shard_tokens=shard_tokens,
+        dtype=dtype,
+        **settings,
+    )
+    _check_folder(Path(out_dir), arguments, resume)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SaelabError("--device cuda was asked for but no CUDA device is available")
     model, tokenizer = load_model(model_name, device=device)
@@ -349,6 +609,7 @@ def cache_model_activations(
         model_name=model_name,
         dtype=dtype,
         shard_tokens=shard_tokens,
+        resume=resume,
         **options,
     )
 

@@ -207,6 +207,11 @@ class SparseAutoencoder(nn.Module, ABC):
         """Adam learning rate when the user gives none: 2e-4 at 16k features, scaled as 1/√F."""
         return 2e-4 / math.sqrt(d_sae / 2**14)
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers of named parameters (the trainer gives each its own Adam
+        parameter group, under the same schedule); default none: all at the run's rate."""
+        return {}
+
     def before_optimizer_step_(self) -> None:
         """Hook for gradient constraints; default: with :attr:`decoder_unit_norm`, remove the
         gradient component parallel to each decoder row."""

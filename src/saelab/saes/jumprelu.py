@@ -8,16 +8,20 @@ of bandwidth ε (METHODS §4.2)::
     ∂/∂θ JumpReLU_θ(z) := −(θ/ε) K((z − θ)/ε)      ∂/∂z JumpReLU_θ(z) = H(z − θ)
     ∂/∂θ H(z − θ)      := −(1/ε) K((z − θ)/ε)      ∂/∂z H(z − θ)      = 0
 
-so the L0 term trains θ only, never the encoder. θ > 0 is kept as ``log_threshold`` during
-training and saved as ``threshold [d_sae]`` (SAELens "jumprelu"). ε and the initial θ are given
-relative to Gemma Scope's units and scaled by √d_in (see ``SAEConfig.jumprelu_bandwidth``).
-No pre-encoder bias by default; decoder rows stay unit norm by default (gradient projection and
-renormalising, by the base class).
+so the L0 term trains θ only, never the encoder. θ is the trained parameter ``threshold``
+itself, kept ≥ 0 by a projection after each update, and saved as ``threshold [d_sae]`` (SAELens
+"jumprelu"). It is not log θ (the paper's Appendix J choice): Adam moves a parameter by about
+its learning rate per step, so log θ changes θ by at most ~10 % in 100 steps at lr 1e-3 and a
+short run never leaves the small initial θ (L0 stayed in the hundreds whatever λ; SAELens PR #718
+and dictionary_learning train θ directly for the same reason). θ, ε and the initial θ are in
+activation units, √d_in larger in saelab's units than in Gemma Scope's, so ε and θ_init are
+scaled by √d_in (``SAEConfig.jumprelu_bandwidth``) and θ learns at a multiple of the run's rate
+(``SAEConfig.jumprelu_threshold_lr_scale``). No pre-encoder bias by default; decoder rows stay
+unit norm by default (gradient projection and renormalising, by the base class).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -106,7 +110,8 @@ class JumpReLUSAE(SparseAutoencoder):
     decoder_unit_norm_configurable = True
 
     def add_parameters_(self) -> None:
-        self.log_threshold = nn.Parameter(torch.zeros(self.d_sae))
+        # θ per feature in training units (features are the same in model units).
+        self.threshold = nn.Parameter(torch.zeros(self.d_sae))
 
     @classmethod
     def saved_tensor_shapes(
@@ -115,13 +120,17 @@ class JumpReLUSAE(SparseAutoencoder):
         return {**super().saved_tensor_shapes(d_in, d_sae, d_out), "threshold": (d_sae,)}
 
     @property
-    def threshold(self) -> Float[Tensor, " F"]:
-        """θ per feature, in training units (features are the same in model units)."""
-        return self.log_threshold.exp()
-
-    @property
     def bandwidth(self) -> float:
         return self.cfg.jumprelu_bandwidth_for(self.d_in)
+
+    def lr_scales(self) -> dict[str, float]:
+        return {"threshold": self.cfg.jumprelu_threshold_lr_scale_for(self.d_in)}
+
+    def after_optimizer_step_(self) -> None:
+        super().after_optimizer_step_()
+        # A projection, not a clamp in the graph: a clamp would zero θ's gradient at 0 for good.
+        with torch.no_grad():
+            self.threshold.clamp_(min=0)
 
     def init_weights_(self, generator: torch.Generator | None) -> None:
         # Gemma Scope: He-uniform decoder rescaled to unit rows, W_enc = W_decᵀ, zero biases.
@@ -130,7 +139,7 @@ class JumpReLUSAE(SparseAutoencoder):
         self.W_enc.copy_(self.W_dec.T)
         self.b_enc.zero_()
         self.b_dec.zero_()
-        self.log_threshold.fill_(math.log(self.cfg.jumprelu_init_threshold_for(self.d_in)))
+        self.threshold.fill_(self.cfg.jumprelu_init_threshold_for(self.d_in))
 
     def _preacts(self, x_BD: Tensor) -> Tensor:
         return self.sae_input(x_BD) @ self.W_enc + self.b_enc
@@ -166,5 +175,5 @@ class JumpReLUSAE(SparseAutoencoder):
     def load_folded_state_dict_(self, tensors: dict[str, Tensor]) -> None:
         super().load_folded_state_dict_(tensors)
         with torch.no_grad():
-            # SAELens may save θ ≤ 0, which with its ReLU acts as θ = 0 (log θ = −inf).
-            self.log_threshold.copy_(tensors["threshold"].clamp_min(0).log())
+            # SAELens may save θ < 0, which with its ReLU acts as θ = 0.
+            self.threshold.copy_(tensors["threshold"].clamp_min(0))

@@ -70,7 +70,7 @@ class SAEState:
 
 
 def _adam(
-    params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float]
+    params: list[torch.nn.Parameter] | list[dict[str, Any]], lr: float, betas: tuple[float, float]
 ) -> torch.optim.Optimizer:
     """Adam, with PyTorch's fused kernel where it has one (CPU from 2.4, CUDA).
 
@@ -82,6 +82,18 @@ def _adam(
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
+def _param_groups(sae: SparseAutoencoder) -> list[dict[str, Any]]:
+    """One Adam group of the parameters at the run's rate, then one per :meth:`lr_scales` entry
+    (``lr_scale`` multiplies the scheduled rate); a single group when there are none."""
+    scales = sae.lr_scales()
+    named = dict(sae.named_parameters())
+    groups: list[dict[str, Any]] = [
+        {"params": [p for n, p in named.items() if n not in scales], "lr_scale": 1.0}
+    ]
+    groups += [{"params": [named[n]], "lr_scale": float(s)} for n, s in scales.items()]
+    return groups
 
 
 def _target(sae: SparseAutoencoder, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -145,7 +157,7 @@ class Trainer:
         if sae.W_enc.device.type == "cpu":
             _reuse_freed_memory()
         lr = self.cfg.lr if self.cfg.lr is not None else type(sae).default_lr(sae.d_sae)
-        optimizer = _adam(list(sae.parameters()), lr, (self.cfg.adam_beta1, self.cfg.adam_beta2))
+        optimizer = _adam(_param_groups(sae), lr, (self.cfg.adam_beta1, self.cfg.adam_beta2))
         device = sae.W_enc.device
         return SAEState(
             sae=sae,
@@ -247,7 +259,7 @@ class Trainer:
         if state.resampler is not None:
             lr *= state.resampler.lr_multiplier(self.step)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         # Only transcoders take a target: ordinary architectures need not accept the keyword.
         target = {} if target_BD is None else {"target_BD": target_BD}
         with self._autocast():
@@ -444,6 +456,12 @@ class Trainer:
                 raise SaelabError(
                     f"checkpoint {path} holds SAE {saved['folder']!r} where the config has "
                     f"{state.folder!r}; resume with the run's saved config.toml"
+                )
+            if set(saved["params"]) != set(state.sae.state_dict()):
+                raise SaelabError(
+                    f"checkpoint {path} holds {state.folder!r} with tensors "
+                    f"{sorted(saved['params'])} written by another saelab version; start a "
+                    "fresh run in a new --out folder"
                 )
             state.sae.load_state_dict(saved["params"])
             state.sae.activation_scale.copy_(saved["activation_scale"])

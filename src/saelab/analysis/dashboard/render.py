@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import shlex
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -272,6 +273,36 @@ def summary_line(stats: StatsLike, i: int) -> str:
     )
 
 
+def steer_command(meta: dict[str, Any], feature: int, dead: bool = False) -> str:
+    """The ``saelab steer`` command that steers with SAE feature ``feature``, from the statistics'
+    metadata (SAE folder, hook, model): a shell line, every value quoted as the shell needs.
+
+    Coefficient 1 is then the feature's max activation, which ``saelab steer`` reads from the
+    statistics in ``SAE_DIR/features``; a ``dead`` feature has none, so it steers in units of the
+    residual norm instead.
+    """
+    sae_dir = str(meta.get("sae_dir") or "SAE_DIR")
+    args = ["saelab", "steer", "--method", "sae-feature", "--sae", sae_dir]
+    if meta.get("hook"):
+        args += ["--hook", str(meta["hook"])]
+    args += ["--feature", str(int(feature))]
+    if meta.get("model") and meta["model"] != "default":
+        args += ["--model", str(meta["model"])]
+    if dead:
+        args += ["--sae-units", "resid_norm"]
+    return shlex.join(args)
+
+
+def steer_line(stats: StatsLike, i: int) -> str:
+    """The "Steer with this feature" line: row ``i``'s :func:`steer_command` as HTML."""
+    command = steer_command(stats.meta, _feature_id(stats, i), dead=is_dead(stats, i))
+    return (
+        '<p class="steer" style="margin:6px 0;color:#555">Steer with this feature: '
+        f'<code style="{MONO};background:#f3f3f3;padding:1px 4px;user-select:all;'
+        f'overflow-wrap:anywhere">{esc(command)}</code></p>'
+    )
+
+
 def _section(title: str, body: str) -> str:
     return f'<h4 style="margin:14px 0 4px;font-size:14px">{esc(title)}</h4>{body}'
 
@@ -279,8 +310,9 @@ def _section(title: str, body: str) -> str:
 def feature_fragment(stats: StatsLike, i: int, top: Sequence[ExampleLike] | None = None) -> str:
     """Everything about feature ``i`` as one self-contained ``<div>`` with inline styles.
 
-    Summary numbers, the activation histogram (inline SVG), top contexts, quantile samples and the
-    tokens its decoder direction promotes and suppresses. Usable alone, e.g. in Jupyter::
+    Summary numbers, the ``saelab steer`` command that steers with it, the activation histogram
+    (inline SVG), top contexts, quantile samples and the tokens its decoder direction promotes and
+    suppresses. Usable alone, e.g. in Jupyter::
 
         from IPython.display import HTML
         HTML(feature_fragment(stats, 3))
@@ -295,6 +327,7 @@ def feature_fragment(stats: StatsLike, i: int, top: Sequence[ExampleLike] | None
         f'<div class="saelab-feature" data-feature="{fid}" style="{FONT};max-width:980px">',
         f'<h3 style="margin:4px 0">Feature {fid}</h3>',
         f'<div style="color:#555">{summary_line(stats, i)}</div>',
+        steer_line(stats, i),
     ]
     if is_dead(stats, i):
         parts.append(
