@@ -31,7 +31,7 @@ from saelab.analysis.steering import (
     save_vector,
     sweep,
 )
-from saelab.analysis.steering_run import format_sweep_table, steer_result, write_steer_result
+from saelab.analysis.steering.run import format_sweep_table, steer_result, write_steer_result
 from saelab.models.loading import load_model
 
 HOOK = "blocks.16.hook_resid_post"

@@ -1,11 +1,14 @@
-"""Atomic file writes: a reader never sees a half-written file, even if the writer dies."""
+"""Atomic writes of files and folders: a reader never sees a half-written one, even if the writer
+dies."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +56,58 @@ def write_safetensors(
     # safetensors refuses views that share storage; contiguous clones keep it happy.
     owned = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     return write_atomically(path, lambda p: save_file(owned, str(p), metadata=metadata))
+
+
+def temp_folder_beside(path: str | Path, tag: str = "tmp") -> Path:
+    """A new, empty hidden folder beside ``path`` (``.NAME.TAG-PID-RANDOM``) with the usual mode.
+
+    The pid in the name tells a later run whether the writer is still alive.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{tag}-{os.getpid()}-", dir=path.parent))
+    # mkdtemp makes the folder owner-only (0700); a shared or served folder should read like any
+    # other, and the mode survives the rename.
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    return tmp
+
+
+def publish_folder(tmp: str | Path, path: str | Path) -> Path:
+    """Rename the finished folder ``tmp`` onto ``path``.
+
+    An old ``path`` is moved aside first and removed only after the rename, and put back if the
+    rename fails: a reader finds the old folder or the new one, never a mixture or nothing.
+    """
+    tmp, path = Path(tmp), Path(path)
+    old = None
+    if path.exists():
+        old = temp_folder_beside(path, "old")
+        os.replace(path, old / path.name)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old / path.name, path)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+@contextmanager
+def write_folder_atomically(path: str | Path, tag: str = "tmp") -> Iterator[Path]:
+    """Yield a temp folder beside ``path``; when the block ends without error it replaces
+    ``path`` (see :func:`publish_folder`), otherwise it is removed and ``path`` is untouched.
+
+    Example::
+
+        with write_folder_atomically("runs/site") as tmp:
+            (tmp / "index.html").write_text(html)
+    """
+    tmp = temp_folder_beside(path, tag)
+    try:
+        yield tmp
+        publish_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

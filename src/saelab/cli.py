@@ -295,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_int, default=8000, help="port (default 8000; 0: any)")
     serve.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
 
-    from saelab.config import SAE_UNITS, STEERING_METHODS, STEERING_POSITIONS
+    from saelab.analysis.steering.config import SAE_UNITS, STEERING_METHODS, STEERING_POSITIONS
 
     steer = sub.add_parser(
         "steer", help="build a steering vector, sweep coefficients: effect, cost, generations"
@@ -366,7 +366,13 @@ def _parser() -> argparse.ArgumentParser:
     use.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     use.add_argument("--out", default="runs/steer", help="output folder (default runs/steer)")
 
-    from saelab.config import ABLATIONS, CIRCUIT_METHODS, KEEP_PER, RANK_BY, CircuitConfig
+    from saelab.analysis.circuits.config import (
+        ABLATIONS,
+        CIRCUIT_METHODS,
+        KEEP_PER,
+        RANK_BY,
+        CircuitConfig,
+    )
 
     circ_defaults = CircuitConfig()
     circuit = sub.add_parser(
@@ -655,13 +661,13 @@ def _floats(text: str) -> list[float]:
 
 
 def _cmd_steer(args: argparse.Namespace) -> int:
-    from saelab.analysis.steering_run import (
+    from saelab.analysis.steering.config import SteerConfig, SteerVectorConfig
+    from saelab.analysis.steering.run import (
         format_generations,
         format_sweep_table,
         format_transfer_tables,
         run_steer,
     )
-    from saelab.config import SteerConfig, SteerVectorConfig
 
     if args.vector is not None and args.method is None and args.hook is not None:
         raise SaelabError(
@@ -732,7 +738,8 @@ def _cmd_steer(args: argparse.Namespace) -> int:
 
 
 def _cmd_circuit(args: argparse.Namespace) -> int:
-    from saelab.analysis.circuit_run import (
+    from saelab.analysis.circuits.config import CircuitConfig
+    from saelab.analysis.circuits.run import (
         CIRCUIT_FILES,
         COMPARE_FILES,
         format_circuit_report,
@@ -740,7 +747,6 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
         run_circuit,
         run_compare,
     )
-    from saelab.config import CircuitConfig
 
     cfg = CircuitConfig(
         task=args.task,

@@ -24,7 +24,7 @@ import tomli_w
 from saelab.errors import SaelabError
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise SaelabError(message)
 
@@ -39,11 +39,11 @@ class ModelConfig:
     """Language model weights dtype: ``float32``, ``bfloat16`` or ``float16``."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.device.split(":")[0] in ("cpu", "cuda"),
             f"model.device must be 'cpu' or 'cuda', got {self.device!r}",
         )
-        _require(
+        require(
             self.dtype in ("float32", "bfloat16", "float16"),
             f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}",
         )
@@ -70,15 +70,15 @@ class DataConfig:
     """Passes over the cached activations a run may make; above 1 every token is reused."""
 
     def __post_init__(self) -> None:
-        _require(self.context >= 2, f"data.context must be at least 2 tokens, got {self.context}")
-        _require(self.model_batch_size >= 1, "data.model_batch_size must be at least 1")
-        _require(
+        require(self.context >= 2, f"data.context must be at least 2 tokens, got {self.context}")
+        require(self.model_batch_size >= 1, "data.model_batch_size must be at least 1")
+        require(
             0 <= self.skip_positions < self.context,
             f"data.skip_positions must be in [0, context), got {self.skip_positions}",
         )
-        _require(self.buffer_size >= 1, "data.buffer_size must be at least 1")
-        _require(self.norm_estimate_tokens >= 1, "data.norm_estimate_tokens must be positive")
-        _require(self.activation_epochs >= 1, "data.activation_epochs must be at least 1")
+        require(self.buffer_size >= 1, "data.buffer_size must be at least 1")
+        require(self.norm_estimate_tokens >= 1, "data.norm_estimate_tokens must be positive")
+        require(self.activation_epochs >= 1, "data.activation_epochs must be at least 1")
 
 
 B_DEC_INITS = ("zeros", "mean", "geometric_median")
@@ -162,52 +162,52 @@ class SAEConfig:
     """Folder name of this SAE inside the run directory; default derived from its settings."""
 
     def __post_init__(self) -> None:
-        _require(self.expansion >= 1, f"sae.expansion must be >= 1, got {self.expansion}")
-        _require(self.width is None or self.width >= 1, "sae.width must be positive")
-        _require(self.k >= 1, f"sae.k must be >= 1, got {self.k}")
-        _require(self.l1_coefficient >= 0, "sae.l1_coefficient must be >= 0")
-        _require(self.aux_coefficient >= 0, "sae.aux_coefficient must be >= 0")
-        _require(self.dead_window_tokens >= 1, "sae.dead_window_tokens must be positive")
-        _require(
+        require(self.expansion >= 1, f"sae.expansion must be >= 1, got {self.expansion}")
+        require(self.width is None or self.width >= 1, "sae.width must be positive")
+        require(self.k >= 1, f"sae.k must be >= 1, got {self.k}")
+        require(self.l1_coefficient >= 0, "sae.l1_coefficient must be >= 0")
+        require(self.aux_coefficient >= 0, "sae.aux_coefficient must be >= 0")
+        require(self.dead_window_tokens >= 1, "sae.dead_window_tokens must be positive")
+        require(
             self.k_aux is None or self.k_aux >= 1,
             f"sae.k_aux must be >= 1 (or unset for d_in // 2), got {self.k_aux}",
         )
-        _require(
+        require(
             self.b_dec_init is None or self.b_dec_init in B_DEC_INITS,
             f"sae.b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}",
         )
         if self.is_transcoder:
-            _require(
+            require(
                 bool(self.output_hook),
                 f"sae.architecture={self.architecture!r} needs sae.output_hook, the hook it "
                 "predicts (e.g. --output-hook blocks.6.hook_mlp_out)",
             )
             # b_dec lives in the output space: it cannot be subtracted from, or fitted to, x_in.
-            _require(
+            require(
                 not self.apply_b_dec_to_input,
                 "transcoders have no pre-encoder bias; remove sae.apply_b_dec_to_input",
             )
-            _require(
+            require(
                 self.b_dec_init in (None, "zeros"),
                 f"transcoders start b_dec at zero; remove sae.b_dec_init = {self.b_dec_init!r}",
             )
         else:
-            _require(
+            require(
                 self.output_hook is None,
                 f"sae.output_hook is only for transcoders, not {self.architecture!r}; drop it or "
                 "choose a transcoder architecture (e.g. --arch topk_transcoder)",
             )
-        _require(
+        require(
             self.gated_penalty in ("paper", "april"),
             f"sae.gated_penalty must be 'paper' or 'april', got {self.gated_penalty!r}",
         )
-        _require(self.jumprelu_bandwidth > 0, "sae.jumprelu_bandwidth must be positive")
-        _require(self.jumprelu_init_threshold > 0, "sae.jumprelu_init_threshold must be positive")
-        _require(
+        require(self.jumprelu_bandwidth > 0, "sae.jumprelu_bandwidth must be positive")
+        require(self.jumprelu_init_threshold > 0, "sae.jumprelu_init_threshold must be positive")
+        require(
             self.jumprelu_threshold_lr_scale is None or self.jumprelu_threshold_lr_scale > 0,
             "sae.jumprelu_threshold_lr_scale must be positive (or unset for sqrt(d_in))",
         )
-        _require(
+        require(
             0 < self.threshold_ema_lr <= 1,
             f"sae.threshold_ema_lr must be in (0, 1], got {self.threshold_ema_lr}",
         )
@@ -217,12 +217,12 @@ class SAEConfig:
             ok = ok and all(isinstance(w, int) and not isinstance(w, bool) for w in widths)
             ok = ok and widths[0] >= 1
             ok = ok and all(a < b for a, b in zip(widths, widths[1:], strict=False))
-            _require(
+            require(
                 ok,
                 "sae.matryoshka_widths must be strictly increasing positive integers, e.g. "
                 f"[576, 1152, 2304, 4608, 9216], got {widths!r}",
             )
-            _require(
+            require(
                 self.width is None or widths[-1] == self.width,
                 f"sae.matryoshka_widths must end at sae.width={self.width}, got {widths[-1]}",
             )
@@ -330,42 +330,42 @@ class TrainConfig:
     SAE on all the activations). Ignored by a single process."""
 
     def __post_init__(self) -> None:
-        _require(self.tokens >= 1, f"train.tokens must be positive, got {self.tokens}")
-        _require(self.batch_size >= 1, f"train.batch_size must be positive, got {self.batch_size}")
-        _require(self.lr is None or self.lr > 0, f"train.lr must be positive, got {self.lr}")
+        require(self.tokens >= 1, f"train.tokens must be positive, got {self.tokens}")
+        require(self.batch_size >= 1, f"train.batch_size must be positive, got {self.batch_size}")
+        require(self.lr is None or self.lr > 0, f"train.lr must be positive, got {self.lr}")
         for name in ("lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac"):
             value = getattr(self, name)
-            _require(0 <= value <= 1, f"train.{name} must be between 0 and 1, got {value}")
-        _require(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
-        _require(self.checkpoint_every_tokens >= 0, "train.checkpoint_every_tokens must be >= 0")
-        _require(self.log_every_steps >= 1, "train.log_every_steps must be >= 1")
-        _require(
+            require(0 <= value <= 1, f"train.{name} must be between 0 and 1, got {value}")
+        require(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+        require(self.checkpoint_every_tokens >= 0, "train.checkpoint_every_tokens must be >= 0")
+        require(self.log_every_steps >= 1, "train.log_every_steps must be >= 1")
+        require(
             self.lr_decay in LR_DECAYS,
             f"train.lr_decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}",
         )
-        _require(
+        require(
             self.resample_every_steps >= 0,
             "train.resample_every_steps must be >= 0 (0 turns resampling off)",
         )
-        _require(
+        require(
             0 < self.resample_until_frac <= 1,
             f"train.resample_until_frac must be in (0, 1], got {self.resample_until_frac}",
         )
-        _require(
+        require(
             self.resample_dead_window_tokens is None or self.resample_dead_window_tokens >= 1,
             "train.resample_dead_window_tokens must be positive (or unset for half the interval)",
         )
-        _require(self.resample_sample_tokens >= 1, "train.resample_sample_tokens must be positive")
-        _require(
+        require(self.resample_sample_tokens >= 1, "train.resample_sample_tokens must be positive")
+        require(
             self.resample_weighting in RESAMPLE_WEIGHTINGS,
             f"train.resample_weighting must be one of {', '.join(RESAMPLE_WEIGHTINGS)}, "
             f"got {self.resample_weighting!r}",
         )
-        _require(
+        require(
             self.resample_lr_warmup_steps >= 0,
             "train.resample_lr_warmup_steps must be >= 0 (0 disables the warm-up)",
         )
-        _require(
+        require(
             self.distributed in DIST_MODES,
             f"train.distributed must be one of {', '.join(DIST_MODES)}, got {self.distributed!r}",
         )
@@ -393,15 +393,15 @@ class RunConfig:
     """Seeds text order, shuffling and SAE initialisation."""
 
     def __post_init__(self) -> None:
-        _require(len(self.saes) >= 1, "a run needs at least one [[sae]] table")
+        require(len(self.saes) >= 1, "a run needs at least one [[sae]] table")
         names = [s.folder_name for s in self.saes]
         shared = sorted({n for n in names if names.count(n) > 1})
-        _require(
+        require(
             not shared,
             f"two SAEs would share the folder {shared[0] if shared else ''}; "
             "give them distinct `name` fields",
         )
-        _require(
+        require(
             not self.train.autocast_bf16 or self.model.device.startswith("cuda"),
             "train.autocast_bf16 needs model.device = 'cuda'; turn it off to train on the CPU",
         )
@@ -414,235 +414,13 @@ class RunConfig:
         return list(dict.fromkeys(needed))
 
 
-CIRCUIT_METHODS = ("atp", "ig")
-"""How ``saelab circuit`` attributes the metric to nodes: attribution patching or integrated
-gradients (METHODS §9.1)."""
-ABLATIONS = ("mean", "zero")
-"""What nodes outside a circuit are set to: their mean over the patch batch, or zero."""
-KEEP_PER = ("position", "prompt")
-"""Top-k feature keeping: k features at each position, or k per prompt (scores summed over its
-positions)."""
-RANK_BY = ("activation", "attribution")
-"""What top-k feature keeping ranks features by: activation value or |attribution|."""
-
-
-@dataclass(frozen=True)
-class CircuitConfig:
-    task: str = "ioi"
-    """``ioi`` (built prompts, METHODS §9.2) or a .jsonl file of
-    ``{"prompt", "correct", "incorrect"[, "corrupted_prompt"]}`` lines."""
-    k: int = 10
-    """Features kept per prompt (or per position) and rows of the top-feature table."""
-    n_prompts: int = 32
-    """Prompts built (ioi) or read from the start of the .jsonl file."""
-    method: str = "atp"
-    """Node attribution: ``atp`` (one gradient) or ``ig`` (integrated gradients)."""
-    ig_steps: int = 10
-    """Interpolation steps of integrated gradients."""
-    ablation: str = "mean"
-    """Faithfulness curve: features outside the circuit are ``mean``- or ``zero``-ablated."""
-    ablate_errors: bool = False
-    """Faithfulness curve: also ablate the SAE error nodes (default: they keep their values)."""
-    keep_per: str = "position"
-    """Top-k keeping: ``position`` (k per position) or ``prompt`` (k per prompt)."""
-    rank_by: str = "activation"
-    """Top-k keeping ranks features by ``activation`` value or ``attribution`` (|IE|)."""
-    seed: int = 0
-    """Seeds the IOI prompts (names, places, objects, templates)."""
-
-    def __post_init__(self) -> None:
-        _require(self.k >= 1, f"circuit k must be at least 1, got {self.k}")
-        _require(self.n_prompts >= 1, f"--n-prompts must be at least 1, got {self.n_prompts}")
-        _require(self.ig_steps >= 1, f"--ig-steps must be at least 1, got {self.ig_steps}")
-        for name, value, allowed in (
-            ("method", self.method, CIRCUIT_METHODS),
-            ("ablation", self.ablation, ABLATIONS),
-            ("keep_per", self.keep_per, KEEP_PER),
-            ("rank_by", self.rank_by, RANK_BY),
-        ):
-            _require(value in allowed, f"circuit {name} must be one of {allowed}, got {value!r}")
-
-
-STEERING_METHODS = ("caa", "actadd", "mean", "sae-feature", "sae-clamp")
-"""How ``saelab steer`` builds a steering vector (METHODS §8): contrastive activation addition
-(mean difference at the answer position), ActAdd (one prompt pair, one vector per position),
-mean-centring (target text mean minus general text mean), an SAE feature's decoder direction, or
-clamping an SAE feature to a value (the SAE error term kept)."""
-STEERING_POSITIONS = ("all", "after_prompt", "front")
-"""Where a vector is added: every position but BOS; positions from the end of the prompt on (the
-tokens the model writes, CAA's rule); the first T positions after BOS, one row each (ActAdd)."""
-SAE_UNITS = ("max_act", "resid_norm", "activation")
-"""What coefficient 1 means for SAE-feature steering: the feature's largest activation on the
-general text, the decoder contribution as long as the mean residual norm there, or a feature
-activation of 1 (raw units)."""
-
-
-@dataclass(frozen=True)
-class SteerVectorConfig:
-    method: str = "caa"
-    """How the vector is built; one of :data:`STEERING_METHODS`."""
-    hook: str | None = None
-    """Where it is built and applied. Default: the SAE's own hook for the SAE methods, else
-    ``blocks.6.hook_resid_post``."""
-    pairs: str | None = None
-    """caa: a .jsonl file of ``{"prompt", "positive", "negative"}`` lines (``target`` and
-    ``contrast`` are read as ``positive`` and ``negative``)."""
-    answer_offset: int = -1
-    """caa: the answer position counted from the end of prompt + completion: -1 is its last
-    token, -2 the one before (the "A" of a completion "(A)")."""
-    positive: str | None = None
-    """actadd: the prompt steered towards, e.g. ``Love``."""
-    negative: str | None = None
-    """actadd: the prompt steered away from, e.g. ``Hate`` (may be a single space)."""
-    target: str | None = None
-    """mean: the text whose mean activation is wanted, as a text spec (a .txt/.jsonl file, a
-    folder or a hub dataset)."""
-    general: str = "default"
-    """mean, and the SAE units: the general text that is subtracted / measured (a text spec)."""
-    tokens: int = 4096
-    """mean, and the SAE units: tokens read from each of ``target`` and ``general``."""
-    context: int = 128
-    """Tokens per row when reading ``target`` and ``general``, BOS included; longer documents
-    are cut into several rows."""
-    sae: str | None = None
-    """sae-feature / sae-clamp: the saved SAE folder."""
-    feature: int | None = None
-    """sae-feature / sae-clamp: the feature index."""
-    sae_units: str = "max_act"
-    """sae-feature / sae-clamp: what coefficient 1 means; one of :data:`SAE_UNITS`."""
-    max_act: float | None = None
-    """sae units ``max_act``: the feature's largest activation when known; default: from the
-    feature statistics (``stats``), else measured on ``tokens`` tokens of ``general``."""
-    stats: str | None = None
-    """sae units ``max_act``: a folder of ``saelab features`` statistics of this SAE to take the
-    feature's max activation from. Default: ``SAE_DIR/features`` when it holds them."""
-    seed: int = 0
-    """Order of the documents read from ``target`` and ``general``."""
-
-    def __post_init__(self) -> None:
-        _require(
-            self.method in STEERING_METHODS,
-            f"steering method must be one of {', '.join(STEERING_METHODS)}, got {self.method!r}",
-        )
-        needs = {
-            "caa": (self.pairs is not None, "--method caa needs --pairs FILE.jsonl"),
-            "actadd": (
-                self.positive is not None and self.negative is not None,
-                "--method actadd needs --positive TEXT and --negative TEXT",
-            ),
-            "mean": (self.target is not None, "--method mean needs --target TEXT_SPEC"),
-        }
-        has_feature = self.sae is not None and self.feature is not None
-        for method in ("sae-feature", "sae-clamp"):
-            needs[method] = (has_feature, f"--method {method} needs --sae SAE_DIR and --feature I")
-        ok, message = needs[self.method]
-        _require(ok, message)
-        _require(
-            self.answer_offset < 0,
-            f"--answer-offset counts from the end and must be negative (-1 is the last token), "
-            f"got {self.answer_offset}",
-        )
-        _require(self.tokens >= 1, f"--tokens must be at least 1, got {self.tokens}")
-        _require(self.context >= 2, f"--context must be at least 2, got {self.context}")
-        _require(
-            self.feature is None or self.feature >= 0,
-            f"--feature must be a feature index >= 0, got {self.feature}",
-        )
-        _require(
-            self.sae_units in SAE_UNITS,
-            f"--sae-units must be one of {', '.join(SAE_UNITS)}, got {self.sae_units!r}",
-        )
-        _require(
-            self.max_act is None or self.max_act > 0,
-            f"--max-act must be a positive activation, got {self.max_act}",
-        )
-        _require(
-            self.stats is None or self.method.startswith("sae-"),
-            f"--stats is for --method sae-feature or sae-clamp, not {self.method}; drop it",
-        )
-
-    @property
-    def uses_sae(self) -> bool:
-        return self.method.startswith("sae-")
-
-
-@dataclass(frozen=True)
-class SteerConfig:
-    model: str = "default"
-    """The model steered: hub id, local dir, ``.gguf`` file or ``default`` (SmolLM2-135M)."""
-    device: str = "cpu"
-    """Where the model runs: ``cpu`` or ``cuda``."""
-    build: SteerVectorConfig | None = None
-    """How to build the vector; None when ``vector`` names a saved one."""
-    vector: str | None = None
-    """Folder of a saved vector (``vector.json`` + ``vector.safetensors``) to use instead."""
-    coefs: tuple[float, ...] = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
-    """Coefficients swept; the vector is multiplied by each (sae-clamp: the clamp value in
-    units of ``sae_units``). A raw CAA or mean-centred vector is about as long as the residual
-    stream, so useful values are often below 4."""
-    positions: str | None = None
-    """Where the vector is added, one of :data:`STEERING_POSITIONS`. Default: ``front`` for
-    per-position (ActAdd) vectors, else ``all``."""
-    eval: str | None = None
-    """A .jsonl file of ``{"prompt", "target", "contrast"}`` lines whose completions are scored.
-    Default for caa: its ``pairs`` file (in-sample); otherwise none (no effect measured)."""
-    neutral: str = "default"
-    """Text the cost (KL, CE increase) is measured on (a text spec)."""
-    neutral_tokens: int = 1024
-    """Tokens of ``neutral`` the cost is measured on; 0 skips the cost."""
-    context: int = 128
-    """Tokens per row of the neutral text, BOS included."""
-    generate: tuple[str, ...] = ()
-    """Prompts continued at every coefficient."""
-    max_new_tokens: int = 30
-    """Tokens generated per prompt and coefficient."""
-    sample: bool = False
-    """Sample (temperature, top-p) instead of greedy decoding."""
-    temperature: float = 1.0
-    """Sampling temperature (with ``sample``)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (with ``sample``)."""
-    seed: int = 0
-    """Seeds sampling and the order of the neutral text."""
-    transfer_layers: str | None = None
-    """Also apply the vector at the same hook type of these layers (``4-8``, ``2,4,6``) and
-    report the effect retained."""
-    transfer_model: str | None = None
-    """Also apply the vector to this model (same d_model, e.g. base → chat) and report the
-    effect retained."""
-
-    def __post_init__(self) -> None:
-        _require(
-            (self.build is None) != (self.vector is None),
-            "give either --method (to build a vector) or --vector DIR (to load one), not both",
-        )
-        _require(len(self.coefs) >= 1, "--coefs needs at least one coefficient, e.g. -4,0,4")
-        _require(
-            all(math.isfinite(c) for c in self.coefs),
-            f"--coefs must be finite numbers, got {','.join(map(str, self.coefs))}",
-        )
-        _require(
-            self.positions is None or self.positions in STEERING_POSITIONS,
-            f"--positions must be one of {', '.join(STEERING_POSITIONS)}, got {self.positions!r}",
-        )
-        _require(self.neutral_tokens >= 0, "--neutral-tokens must be >= 0 (0 skips the cost)")
-        _require(self.context >= 2, f"--context must be at least 2, got {self.context}")
-        _require(self.max_new_tokens >= 1, "--max-new-tokens must be at least 1")
-        _require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
-        _require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
-        _require(
-            self.device.split(":")[0] in ("cpu", "cuda"),
-            f"--device must be 'cpu' or 'cuda', got {self.device!r}",
-        )
-
-
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sae": SAEConfig}
 
 
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(table) - set(known))
-    _require(
+    require(
         not unknown,
         f"unknown field(s) {', '.join(unknown)} in [{where}]; valid: {', '.join(sorted(known))}",
     )
@@ -686,7 +464,7 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
 
 def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(raw) - {"model", "data", "train", "sae", "seed"})
-    _require(
+    require(
         not unknown, f"unknown section(s) {', '.join(unknown)}; valid: model data train sae seed"
     )
     sae_tables = raw.get("sae", [{}])
@@ -711,7 +489,7 @@ def load_run_config(
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        _require(p.is_file(), f"config file {p} does not exist")
+        require(p.is_file(), f"config file {p} does not exist")
         try:
             raw = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as exc:
@@ -721,7 +499,7 @@ def load_run_config(
             raw["seed"] = int(value)
             continue
         section, _, name = key.partition(".")
-        _require(
+        require(
             section in _SECTIONS and bool(name),
             f"override {key!r} must look like section.field with section in {', '.join(_SECTIONS)}",
         )

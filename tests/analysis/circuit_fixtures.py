@@ -6,8 +6,8 @@ import random
 
 import torch
 
-from saelab.analysis.spliced import SplicedModel
-from saelab.analysis.tasks import Task, tokenize_task
+from saelab.analysis.circuits.spliced import SplicedModel
+from saelab.analysis.circuits.tasks import Task, tokenize_task
 from saelab.config import SAEConfig
 from saelab.saes import ReLUSAE, TopKSAE
 from tiny_models import D_MODEL, VOCAB_SIZE, build_tiny_model, build_tiny_tokenizer

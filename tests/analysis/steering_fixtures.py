@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from saelab.analysis.steering_data import ContrastPair
+from saelab.analysis.steering.data import ContrastPair
 from saelab.config import SAEConfig
 from saelab.saes.topk import TopKSAE
 from tiny_models import D_MODEL

@@ -7,15 +7,19 @@ import pytest
 import torch
 from circuit_fixtures import HOOKS, setup
 
-from saelab.analysis.attribution import (
+from saelab.analysis.circuits.attribution import (
     attribution_patching,
     integrated_gradients,
     node_gradients,
     patch_values,
 )
-from saelab.analysis.faithfulness import ablation_values, default_counts, faithfulness_curve
-from saelab.analysis.spliced import SiteEdit, SiteValues, SplicedModel
-from saelab.analysis.tasks import TaskBatch, clean_metric
+from saelab.analysis.circuits.faithfulness import (
+    ablation_values,
+    default_counts,
+    faithfulness_curve,
+)
+from saelab.analysis.circuits.spliced import SiteEdit, SiteValues, SplicedModel
+from saelab.analysis.circuits.tasks import TaskBatch, clean_metric
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saelab.analysis.spliced import SplicedModel
-from saelab.analysis.tasks import clean_metric, ioi_task, tokenize_task
+from saelab.analysis.circuits.spliced import SplicedModel
+from saelab.analysis.circuits.tasks import clean_metric, ioi_task, tokenize_task
 from saelab.config import SAEConfig
 from saelab.models.loading import load_model
 from saelab.saes import TopKSAE

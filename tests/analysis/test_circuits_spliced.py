@@ -6,10 +6,10 @@ import pytest
 import torch
 from circuit_fixtures import HOOKS, setup
 
-from saelab.analysis.attribution import attribution_patching
-from saelab.analysis.keep import keep_topk_edit, topk_keep_mask
-from saelab.analysis.spliced import SiteEdit, SplicedModel
-from saelab.analysis.tasks import TaskBatch, clean_metric
+from saelab.analysis.circuits.attribution import attribution_patching
+from saelab.analysis.circuits.keep import keep_topk_edit, topk_keep_mask
+from saelab.analysis.circuits.spliced import SiteEdit, SplicedModel
+from saelab.analysis.circuits.tasks import TaskBatch, clean_metric
 from saelab.errors import SaelabError
 from saelab.evaluation.splice import replaced_logits
 from tiny_models import build_tiny_model

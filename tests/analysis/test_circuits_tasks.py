@@ -10,7 +10,7 @@ import pytest
 import torch
 from circuit_fixtures import words_task
 
-from saelab.analysis.tasks import (
+from saelab.analysis.circuits.tasks import (
     IOI_NAMES,
     IOI_OBJECTS,
     IOI_PLACES,

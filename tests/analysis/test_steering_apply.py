@@ -8,8 +8,8 @@ import pytest
 import torch
 from steering_fixtures import HOOK, tiny_sae
 
-from saelab.analysis.steering_apply import Steering, generate, generate_ids, steer
-from saelab.analysis.steering_vectors import SteeringVector
+from saelab.analysis.steering.apply import Steering, generate, generate_ids, steer
+from saelab.analysis.steering.vectors import SteeringVector
 from saelab.errors import SaelabError
 from saelab.models.intervene import capture
 from tiny_models import build_tiny_model, build_tiny_tokenizer

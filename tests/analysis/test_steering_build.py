@@ -7,7 +7,7 @@ import pytest
 import torch
 from steering_fixtures import HOOK, PAIRS, TEXTS, tiny_sae
 
-from saelab.analysis.steering_build import (
+from saelab.analysis.steering.build import (
     BUILDERS,
     actadd_vector,
     build_vector,
@@ -16,8 +16,8 @@ from saelab.analysis.steering_build import (
     sae_clamp_vector,
     sae_feature_vector,
 )
-from saelab.analysis.steering_data import ContrastPair, encode, read_text_rows
-from saelab.config import STEERING_METHODS, SteerConfig, SteerVectorConfig
+from saelab.analysis.steering.config import STEERING_METHODS, SteerConfig, SteerVectorConfig
+from saelab.analysis.steering.data import ContrastPair, encode, read_text_rows
 from saelab.errors import SaelabError
 from saelab.models.intervene import run_to_hooks
 from tiny_models import build_tiny_model, build_tiny_tokenizer

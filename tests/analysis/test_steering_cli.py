@@ -8,8 +8,8 @@ import json
 import pytest
 from steering_fixtures import HOOK, tiny_sae
 
-from saelab.analysis.steering_score import SWEEP_KEYS
-from saelab.analysis.steering_vectors import load_vector
+from saelab.analysis.steering.score import SWEEP_KEYS
+from saelab.analysis.steering.vectors import load_vector
 from saelab.cli import main
 from saelab.saes.storage import save_sae
 from saelab_cli import run_saelab

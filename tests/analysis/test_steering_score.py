@@ -7,16 +7,16 @@ import pytest
 import torch
 from steering_fixtures import HOOK, PAIRS, TEXTS
 
-from saelab.analysis.steering_apply import Steering
-from saelab.analysis.steering_data import encode, read_text_rows
-from saelab.analysis.steering_plot import COST_LINES, EFFECT_LINES
-from saelab.analysis.steering_score import (
+from saelab.analysis.steering.apply import Steering
+from saelab.analysis.steering.data import encode, read_text_rows
+from saelab.analysis.steering.plot import COST_LINES, EFFECT_LINES
+from saelab.analysis.steering.score import (
     SWEEP_KEYS,
     completion_logprobs,
     cost_sweep,
     sweep,
 )
-from saelab.analysis.steering_vectors import SteeringVector
+from saelab.analysis.steering.vectors import SteeringVector
 from tiny_models import build_tiny_model, build_tiny_tokenizer
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]

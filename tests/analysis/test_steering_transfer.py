@@ -8,8 +8,8 @@ import torch
 from steering_fixtures import HOOK, PAIRS
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from saelab.analysis.steering_transfer import effects, layer_transfer, model_transfer, retained
-from saelab.analysis.steering_vectors import SteeringVector
+from saelab.analysis.steering.transfer import effects, layer_transfer, model_transfer, retained
+from saelab.analysis.steering.vectors import SteeringVector
 from saelab.errors import SaelabError
 from tiny_models import build_tiny_model, build_tiny_tokenizer
 

@@ -10,10 +10,10 @@ import torch
 from steering_fixtures import HOOK, TEXTS, tiny_sae
 
 from saelab.analysis.features import FeatureStats, compute_feature_stats
-from saelab.analysis.steering_build import build_vector, sae_clamp_vector, sae_feature_vector
-from saelab.analysis.steering_vectors import decoder_row, load_vector
+from saelab.analysis.steering.build import build_vector, sae_clamp_vector, sae_feature_vector
+from saelab.analysis.steering.config import SteerVectorConfig
+from saelab.analysis.steering.vectors import decoder_row, load_vector
 from saelab.cli import main
-from saelab.config import SteerVectorConfig
 from saelab.errors import SaelabError
 from saelab.saes.storage import load_sae, save_sae
 from tiny_models import build_tiny_model, build_tiny_tokenizer

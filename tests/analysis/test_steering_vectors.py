@@ -9,7 +9,7 @@ import pytest
 import torch
 from steering_fixtures import HOOK, tiny_sae
 
-from saelab.analysis.steering_vectors import (
+from saelab.analysis.steering.vectors import (
     META_FILENAME,
     VECTOR_FILENAME,
     SteeringVector,

@@ -36,9 +36,9 @@ from jaxtyping import Int
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from saelab.analysis.steering_data import pad_id, prompt_ids
-from saelab.analysis.steering_vectors import SteeringVector, check_fits
-from saelab.config import STEERING_POSITIONS
+from saelab.analysis.steering.config import STEERING_POSITIONS
+from saelab.analysis.steering.data import pad_id, prompt_ids
+from saelab.analysis.steering.vectors import SteeringVector, check_fits
 from saelab.errors import SaelabError
 from saelab.models.intervene import patch
 

@@ -19,8 +19,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from saelab.analysis.spliced import SiteEdit
-from saelab.config import KEEP_PER
+from saelab.analysis.circuits.config import KEEP_PER
+from saelab.analysis.circuits.spliced import SiteEdit
 from saelab.errors import SaelabError
 
 

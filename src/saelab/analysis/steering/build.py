@@ -31,7 +31,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from saelab.analysis.steering_data import (
+from saelab.analysis.steering.config import SteerVectorConfig
+from saelab.analysis.steering.data import (
     ContrastPair,
     TextRows,
     encode,
@@ -42,14 +43,14 @@ from saelab.analysis.steering_data import (
     read_text_rows,
     right_pad,
 )
-from saelab.analysis.steering_units import find_stats_dir, stats_max_act
-from saelab.analysis.steering_vectors import (
+from saelab.analysis.steering.units import find_stats_dir, stats_max_act
+from saelab.analysis.steering.vectors import (
     SteeringVector,
     check_fits,
     decoder_row,
     model_label,
 )
-from saelab.config import SAEConfig, SteerVectorConfig
+from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.models.intervene import run_to_hooks
 from saelab.models.loading import bos_token_id

@@ -33,8 +33,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from saelab.analysis.steering_apply import Steering
-from saelab.analysis.steering_data import (
+from saelab.analysis.steering.apply import Steering
+from saelab.analysis.steering.data import (
     ContrastPair,
     TextRows,
     length_mask,
@@ -42,7 +42,7 @@ from saelab.analysis.steering_data import (
     prompt_ids,
     right_pad,
 )
-from saelab.analysis.steering_vectors import SteeringVector
+from saelab.analysis.steering.vectors import SteeringVector
 from saelab.evaluation.splice import kl_per_position, next_token_ce
 
 SWEEP_KEYS: dict[str, str] = {

@@ -29,7 +29,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from saelab.analysis.tasks import TaskBatch, last_positions, logit_diff
+from saelab.analysis.circuits.tasks import TaskBatch, last_positions, logit_diff
 from saelab.errors import SaelabError
 from saelab.models.hookpoints import hook_dim
 from saelab.models.intervene import patch, run_to_hooks

@@ -25,14 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saelab.analysis.attribution import NodeEffects, node_effects
-from saelab.analysis.circuit_plots import compare_png, faithfulness_png
-from saelab.analysis.faithfulness import faithfulness_curve
-from saelab.analysis.keep import keep_topk_edit
-from saelab.analysis.spliced import SiteEdit, SplicedModel
-from saelab.analysis.tasks import TaskBatch, clean_metric, load_task, tokenize_task
+from saelab.analysis.circuits.attribution import NodeEffects, node_effects
+from saelab.analysis.circuits.config import CircuitConfig
+from saelab.analysis.circuits.faithfulness import faithfulness_curve
+from saelab.analysis.circuits.keep import keep_topk_edit
+from saelab.analysis.circuits.plots import compare_png, faithfulness_png
+from saelab.analysis.circuits.spliced import SiteEdit, SplicedModel
+from saelab.analysis.circuits.tasks import TaskBatch, clean_metric, load_task, tokenize_task
 from saelab.atomic import write_atomically, write_json
-from saelab.config import CircuitConfig
 from saelab.errors import SaelabError
 from saelab.evaluation.evaluate import resolve_sae_dirs
 from saelab.models.loading import load_model

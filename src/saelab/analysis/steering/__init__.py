@@ -14,8 +14,8 @@ Example:
     >>> generate(model, tokenizer, "I think", Steering(vector, 4.0))
 """
 
-from saelab.analysis.steering_apply import Steering, default_positions, generate, steer
-from saelab.analysis.steering_build import (
+from saelab.analysis.steering.apply import Steering, default_positions, generate, steer
+from saelab.analysis.steering.build import (
     actadd_vector,
     build_vector,
     caa_vector,
@@ -23,11 +23,11 @@ from saelab.analysis.steering_build import (
     sae_clamp_vector,
     sae_feature_vector,
 )
-from saelab.analysis.steering_data import ContrastPair, read_pairs, read_text_rows
-from saelab.analysis.steering_run import run_steer
-from saelab.analysis.steering_score import SWEEP_KEYS, cost_sweep, effect_sweep, sweep
-from saelab.analysis.steering_transfer import layer_transfer, model_transfer
-from saelab.analysis.steering_vectors import SteeringVector, load_vector, save_vector
+from saelab.analysis.steering.data import ContrastPair, read_pairs, read_text_rows
+from saelab.analysis.steering.run import run_steer
+from saelab.analysis.steering.score import SWEEP_KEYS, cost_sweep, effect_sweep, sweep
+from saelab.analysis.steering.transfer import layer_transfer, model_transfer
+from saelab.analysis.steering.vectors import SteeringVector, load_vector, save_vector
 
 __all__ = [
     "SWEEP_KEYS",

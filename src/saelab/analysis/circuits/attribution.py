@@ -11,7 +11,8 @@ d-vector) per site and position. For a node ``a`` with clean value ``a_c`` and p
   summed over a site's nodes it approaches ``m(site patched) − m(clean)`` as N grows.
 
 For a feature the product is a scalar; for an error node a dot product over d. Gradients reach
-nodes because each site is rebuilt from leaf tensors (:class:`~saelab.analysis.spliced.SiteEdit`).
+nodes because each site is rebuilt from leaf tensors
+(:class:`~saelab.analysis.circuits.spliced.SiteEdit`).
 
 Example:
     >>> effects = attribution_patching(spliced, batch)
@@ -29,9 +30,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.analysis.spliced import SiteEdit, SiteValues, SplicedModel
-from saelab.analysis.tasks import TaskBatch, last_positions, logit_diff
-from saelab.config import CIRCUIT_METHODS
+from saelab.analysis.circuits.config import CIRCUIT_METHODS
+from saelab.analysis.circuits.spliced import SiteEdit, SiteValues, SplicedModel
+from saelab.analysis.circuits.tasks import TaskBatch, last_positions, logit_diff
 from saelab.errors import SaelabError
 
 log = logging.getLogger(__name__)

@@ -19,25 +19,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from saelab.analysis.steering_apply import (
+from saelab.analysis.steering.apply import (
     Steering,
     check_positions,
     default_positions,
     generate,
 )
-from saelab.analysis.steering_build import build_vector
-from saelab.analysis.steering_data import ContrastPair, TextRows, read_pairs, read_text_rows
-from saelab.analysis.steering_plot import plot_steer
-from saelab.analysis.steering_score import EFFECT_KEY, SWEEP_KEYS, sweep
-from saelab.analysis.steering_transfer import layer_transfer, model_transfer
-from saelab.analysis.steering_vectors import (
+from saelab.analysis.steering.build import build_vector
+from saelab.analysis.steering.config import SteerConfig
+from saelab.analysis.steering.data import ContrastPair, TextRows, read_pairs, read_text_rows
+from saelab.analysis.steering.plot import plot_steer
+from saelab.analysis.steering.score import EFFECT_KEY, SWEEP_KEYS, sweep
+from saelab.analysis.steering.transfer import layer_transfer, model_transfer
+from saelab.analysis.steering.vectors import (
     SteeringVector,
     check_fits,
     load_vector,
     save_vector,
 )
 from saelab.atomic import write_json
-from saelab.config import SteerConfig
 from saelab.errors import SaelabError
 from saelab.evaluation.transfer import parse_layers
 from saelab.models.loading import load_model

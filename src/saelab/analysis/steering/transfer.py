@@ -2,7 +2,7 @@
 another of the same width (e.g. base → chat), with the effect retained.
 
 ``retained = effect elsewhere / effect where it was built``, at the same coefficient, where the
-effect is :data:`~saelab.analysis.steering_score.EFFECT_KEY` (Δ log-odds of target vs contrast).
+effect is :data:`~saelab.analysis.steering.score.EFFECT_KEY` (Δ log-odds of target vs contrast).
 It is None where the reference effect is 0 (coefficient 0).
 
 Example:
@@ -18,10 +18,10 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from saelab.analysis.steering_apply import Steering
-from saelab.analysis.steering_data import ContrastPair
-from saelab.analysis.steering_score import EFFECT_KEY, effect_sweep
-from saelab.analysis.steering_vectors import SteeringVector, check_fits, model_label
+from saelab.analysis.steering.apply import Steering
+from saelab.analysis.steering.data import ContrastPair
+from saelab.analysis.steering.score import EFFECT_KEY, effect_sweep
+from saelab.analysis.steering.vectors import SteeringVector, check_fits, model_label
 from saelab.errors import SaelabError
 from saelab.evaluation.transfer import hook_at_layer, hook_layer_and_suffix
 from saelab.models.hookpoints import n_layers

@@ -25,10 +25,10 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.analysis.attribution import Metric, NodeEffects
-from saelab.analysis.spliced import SiteEdit, SplicedModel
-from saelab.analysis.tasks import TaskBatch, clean_metric, logit_diff
-from saelab.config import ABLATIONS
+from saelab.analysis.circuits.attribution import Metric, NodeEffects
+from saelab.analysis.circuits.config import ABLATIONS
+from saelab.analysis.circuits.spliced import SiteEdit, SplicedModel
+from saelab.analysis.circuits.tasks import TaskBatch, clean_metric, logit_diff
 from saelab.errors import SaelabError
 
 _STEPS = (1, 2, 5)
