@@ -32,6 +32,7 @@ from transformers.utils import logging as hf_logging
 from saelab.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainConfig
 from saelab.data.cache import write_activation_cache
 from saelab.models.loading import load_model
+from saelab.saes.registry import sae_folder_name
 from saelab.training.run import model_activation_stream, train_run
 
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         "hook": args.hook,
         "tokens_per_sae": cfg.train.steps * cfg.train.batch_size,
         "batch_size": args.batch_size,
-        "saes": [s.folder_name.removeprefix(f"{args.hook}-") for s in saes],
+        "saes": [sae_folder_name(s).removeprefix(f"{args.hook}-") for s in saes],
         "device": args.device,
         "threads": args.threads,
         "torch": torch.__version__,

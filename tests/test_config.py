@@ -18,6 +18,7 @@ from saelab.config import (
     run_config_from_dict,
 )
 from saelab.errors import SaelabError
+from saelab.saes.registry import check_run_saes, sae_folder_name
 
 TWO_SAES = """
 seed = 3
@@ -238,16 +239,21 @@ def test_device_accepts_indexed_cuda():
 
 def test_duplicate_sae_folders_are_an_error_until_named(tmp_path):
     table = '[[sae]]\nhook = "blocks.1.hook_resid_post"\nk = 4\n'
-    message = _error(load_run_config, _write(tmp_path, table * 2))
-    assert SAEConfig(hook="blocks.1.hook_resid_post", k=4).folder_name in message
+    # The run checks folder names when it starts (the config layer knows no architectures).
+    message = _error(
+        lambda path: check_run_saes(load_run_config(path).saes), _write(tmp_path, table * 2)
+    )
+    assert sae_folder_name(SAEConfig(hook="blocks.1.hook_resid_post", k=4)) in message
     assert "name" in message
     named = table + 'name = "a"\n' + table + 'name = "b"\n'
-    assert [s.folder_name for s in load_run_config(_write(tmp_path, named)).saes] == ["a", "b"]
+    saes = load_run_config(_write(tmp_path, named)).saes
+    check_run_saes(saes)
+    assert [sae_folder_name(s) for s in saes] == ["a", "b"]
 
 
 def test_folder_names_differ_by_setting():
     a, b, c = SAEConfig(k=4), SAEConfig(k=8), SAEConfig(architecture="relu")
-    assert len({a.folder_name, b.folder_name, c.folder_name}) == 3
+    assert len({sae_folder_name(a), sae_folder_name(b), sae_folder_name(c)}) == 3
 
 
 def test_no_sae_is_an_error():

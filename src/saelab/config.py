@@ -94,10 +94,6 @@ DIST_MODES = ("ddp", "sae")
 across them (data-parallel), ``sae`` gives each a subset of the SAEs (SAE-parallel)."""
 
 
-TRANSCODER_SUFFIX = "transcoder"
-"""Architectures whose name ends in this map one hook to another and need ``sae.output_hook``."""
-
-
 @dataclass(frozen=True)
 class SAEConfig:
     hook: str = "blocks.6.hook_resid_post"
@@ -159,9 +155,12 @@ class SAEConfig:
     """Matryoshka: increasing prefix sizes m_1 < … < m_K = d_sae whose reconstructions are
     trained; default d_sae·(1/16, 1/8, 1/4, 1/2, 1), i.e. groups of 1/16, 1/16, 1/8, 1/4, 1/2."""
     name: str | None = None
-    """Folder name of this SAE inside the run directory; default derived from its settings."""
+    """Folder name of this SAE inside the run directory; default derived from its settings
+    (``saelab.saes.registry.sae_folder_name``, e.g. ``blocks.6.hook_resid_post-topk-x16-k32``)."""
 
     def __post_init__(self) -> None:
+        # What depends on the architecture (a transcoder's output_hook, ...) is checked by the
+        # architecture itself when a run starts: saelab.saes.registry.check_run_saes.
         require(self.expansion >= 1, f"sae.expansion must be >= 1, got {self.expansion}")
         require(self.width is None or self.width >= 1, "sae.width must be positive")
         require(self.k >= 1, f"sae.k must be >= 1, got {self.k}")
@@ -176,27 +175,6 @@ class SAEConfig:
             self.b_dec_init is None or self.b_dec_init in B_DEC_INITS,
             f"sae.b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}",
         )
-        if self.is_transcoder:
-            require(
-                bool(self.output_hook),
-                f"sae.architecture={self.architecture!r} needs sae.output_hook, the hook it "
-                "predicts (e.g. --output-hook blocks.6.hook_mlp_out)",
-            )
-            # b_dec lives in the output space: it cannot be subtracted from, or fitted to, x_in.
-            require(
-                not self.apply_b_dec_to_input,
-                "transcoders have no pre-encoder bias; remove sae.apply_b_dec_to_input",
-            )
-            require(
-                self.b_dec_init in (None, "zeros"),
-                f"transcoders start b_dec at zero; remove sae.b_dec_init = {self.b_dec_init!r}",
-            )
-        else:
-            require(
-                self.output_hook is None,
-                f"sae.output_hook is only for transcoders, not {self.architecture!r}; drop it or "
-                "choose a transcoder architecture (e.g. --arch topk_transcoder)",
-            )
         require(
             self.gated_penalty in ("paper", "april"),
             f"sae.gated_penalty must be 'paper' or 'april', got {self.gated_penalty!r}",
@@ -229,12 +207,6 @@ class SAEConfig:
             # TOML gives a list; a tuple keeps the frozen config hashable and comparable.
             object.__setattr__(self, "matryoshka_widths", tuple(widths))
 
-    @property
-    def is_transcoder(self) -> bool:
-        """Whether the architecture predicts ``output_hook`` from ``hook``: by convention (checked
-        against the registry in the tests) exactly the names that end in ``transcoder``."""
-        return self.architecture.endswith(TRANSCODER_SUFFIX)
-
     def d_sae(self, d_in: int) -> int:
         """Number of features for activations of width ``d_in``."""
         return self.width if self.width is not None else self.expansion * d_in
@@ -261,22 +233,6 @@ class SAEConfig:
             return self.matryoshka_widths
         ends = (max(1, d_sae * n // 16) for n in (1, 2, 4, 8))
         return tuple(dict.fromkeys((*ends, d_sae)))
-
-    @property
-    def folder_name(self) -> str:
-        if self.name:
-            return self.name
-        setting = f"k{self.k}" if self.architecture == "topk" else f"l1_{self.l1_coefficient:g}"
-        if self.architecture in ("batchtopk", "matryoshka"):
-            setting = f"k{self.k}"
-        elif self.architecture == "jumprelu":
-            setting = f"l0_{self.l1_coefficient:g}"
-        elif self.architecture.startswith("topk_"):  # TopK transcoders
-            setting = f"k{self.k}"
-        elif self.architecture == "gated" and self.gated_penalty != "paper":
-            setting = f"l1_{self.l1_coefficient:g}-{self.gated_penalty}"
-        width = f"w{self.width}" if self.width else f"x{self.expansion}"
-        return f"{self.hook}-{self.architecture}-{width}-{setting}"
 
 
 @dataclass(frozen=True)
@@ -394,13 +350,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         require(len(self.saes) >= 1, "a run needs at least one [[sae]] table")
-        names = [s.folder_name for s in self.saes]
-        shared = sorted({n for n in names if names.count(n) > 1})
-        require(
-            not shared,
-            f"two SAEs would share the folder {shared[0] if shared else ''}; "
-            "give them distinct `name` fields",
-        )
+        # Distinct SAE folders are checked when the run starts (saelab.saes.registry).
         require(
             not self.train.autocast_bf16 or self.model.device.startswith("cuda"),
             "train.autocast_bf16 needs model.device = 'cuda'; turn it off to train on the CPU",

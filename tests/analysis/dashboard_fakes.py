@@ -38,6 +38,10 @@ class FakeStats:
         return self.n
 
     @property
+    def feature_ids(self) -> torch.Tensor:
+        return torch.arange(self.n)
+
+    @property
     def density(self) -> torch.Tensor:
         d = torch.tensor([(i + 1) / self.n_tokens for i in range(self.n)])
         d[[i for i in self.dead if i < self.n]] = 0

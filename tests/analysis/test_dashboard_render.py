@@ -10,16 +10,18 @@ from html.parser import HTMLParser
 import pytest
 from dashboard_fakes import EVIL, EVIL_ATTR, FakeExample, FakeStats
 
-from saelab.analysis.dashboard.render import (
-    context_html,
-    feature_fragment,
+from saelab.analysis.dashboard.pages import (
     feature_page,
-    highlight_alpha,
-    highlight_colour,
-    histogram_svg,
     index_page,
     preview_and_search_tokens,
     script_json,
+)
+from saelab.analysis.dashboard.render import (
+    context_html,
+    feature_fragment,
+    highlight_alpha,
+    highlight_colour,
+    histogram_svg,
     visible_token,
 )
 
@@ -184,7 +186,7 @@ def test_search_tokens_are_a_window_around_each_max_token():
 def test_feature_page_shows_the_steer_command_escaped_and_parseable():
     import shlex
 
-    from saelab.cli import _parser
+    from saelab.cli import build_parser
 
     sae_dir = f"runs/{EVIL} it's"
     stats = FakeStats(meta={"model": "default", "hook": "blocks.0.x", "sae_dir": sae_dir})
@@ -193,7 +195,7 @@ def test_feature_page_shows_the_steer_command_escaped_and_parseable():
         assert not [t for t, _ in tree.tags if t == "script"]
         assert all(not k.startswith("on") for _, attrs in tree.tags for k in attrs)
         argv = shlex.split(tree.text[tree.text.index("Steer with this feature: ") + 1])
-        args = _parser().parse_args(argv[1:])
+        args = build_parser().parse_args(argv[1:])
         assert argv[0] == "saelab" and args.command == "steer" and args.method == "sae-feature"
         assert (args.sae, args.hook, args.feature) == (sae_dir, "blocks.0.x", i)
         assert args.model == "default"

@@ -10,15 +10,16 @@ import pytest
 import torch
 from feature_fixtures import CONTEXT, HOOK, tiny_feature_stats, tiny_sae
 
+from saelab.analysis.dashboard import feature_fragment, write_dashboard
 from saelab.analysis.features import (
     HIST_BINS,
     META_FILENAME,
     QUANTILE_BUCKETS,
     STATS_FILENAME,
     FeatureStats,
-    _RunningStats,
     logit_effects_of,
 )
+from saelab.analysis.features.running import _RunningStats
 from saelab.data.activations import special_token_ids, token_mask
 from saelab.data.text import TokenBatches
 from saelab.errors import SaelabError
@@ -256,14 +257,25 @@ def test_damaged_files_give_one_line_errors(run, tmp_path, damage):
     assert "\n" not in str(error.value) and "saelab features" in str(error.value)
 
 
-def test_html_escapes_token_strings(run):
+def test_html_escapes_token_strings(run, tmp_path):
+    """What users see of real statistics, every token a script tag and the hook markup: the
+    notebook fragment and summary, and the dashboard's feature page and index."""
     stats, *_ = run
     hostile = FeatureStats(stats.tensors, {**stats.meta, "hook": "<b>hook</b>"})
     hostile.vocab = {i: "<script>x</script>" for i in stats.vocab}
-    page = hostile._plain_html(3) + hostile._repr_html_()
-    assert "<script>" not in page and "&lt;script&gt;" in page and "<b>hook" not in page
-    assert "feature 3" in hostile._plain_html(3)
-    assert isinstance(stats.feature_html(3), str) and stats.feature_html(3)
+    fragment = feature_fragment(hostile, 3)
+    assert fragment.startswith('<div class="saelab-feature" data-feature="3"')
+    assert "Feature 3" in fragment and "Top " in fragment  # feature 3 fired: contexts shown
+    write_dashboard(hostile, tmp_path / "site", pages=[3], progress=False)
+    feature_page = (tmp_path / "site" / "features" / "3.html").read_text()
+    index = (tmp_path / "site" / "index.html").read_text()
+    summary = hostile._repr_html_()  # Jupyter's view of the whole: the run, no tokens
+    for html_text in (fragment, feature_page, index):
+        assert "<script>x" not in html_text and "&lt;script&gt;x&lt;/script&gt;" in html_text
+    for html_text in (fragment, summary, feature_page, index):
+        assert "<b>hook" not in html_text and "&lt;b&gt;hook&lt;/b&gt;" in html_text
+    for html_text in (fragment, summary, feature_page):  # the index has its own script
+        assert "<script" not in html_text
 
 
 def test_16k_features_keep_fixed_size_tensors(words_file):

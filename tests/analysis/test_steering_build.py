@@ -8,7 +8,6 @@ import torch
 from steering_fixtures import HOOK, PAIRS, TEXTS, tiny_sae
 
 from saelab.analysis.steering.build import (
-    BUILDERS,
     actadd_vector,
     build_vector,
     caa_vector,
@@ -18,6 +17,7 @@ from saelab.analysis.steering.build import (
 )
 from saelab.analysis.steering.config import STEERING_METHODS, SteerConfig, SteerVectorConfig
 from saelab.analysis.steering.data import ContrastPair, encode, read_text_rows
+from saelab.analysis.steering.registry import BUILDERS, builder_for, register_method
 from saelab.errors import SaelabError
 from saelab.models.intervene import run_to_hooks
 from tiny_models import build_tiny_model, build_tiny_tokenizer
@@ -40,8 +40,17 @@ def acts_of(model, ids: list[int]) -> torch.Tensor:
     return run_to_hooks(model, torch.tensor([ids]), [HOOK])[HOOK][0]
 
 
-def test_every_method_has_a_builder() -> None:
-    assert set(BUILDERS) == set(STEERING_METHODS)
+def test_every_method_has_exactly_one_builder() -> None:
+    # The config offers exactly the registered methods, and each of them has a builder.
+    assert tuple(BUILDERS) == STEERING_METHODS
+    assert all(callable(builder_for(method)) for method in STEERING_METHODS)
+    # A second builder for a name is refused, and the first one stays.
+    caa = BUILDERS["caa"]
+    with pytest.raises(SaelabError, match="'caa' already has a builder"):
+        register_method("caa")(lambda model, tokenizer, cfg, model_name: None)
+    assert BUILDERS["caa"] is caa and tuple(BUILDERS) == STEERING_METHODS
+    with pytest.raises(SaelabError, match="choose one of: caa, actadd"):
+        builder_for("nope")
 
 
 def test_mean_centred_vector_of_identical_texts_is_zero(model, tokenizer, words_file) -> None:

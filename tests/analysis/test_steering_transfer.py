@@ -3,11 +3,15 @@ layers and to another model of the same width, and refuses a model of another wi
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from steering_fixtures import HOOK, PAIRS
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from saelab.analysis.steering.apply import steer
+from saelab.analysis.steering.data import encode
 from saelab.analysis.steering.transfer import effects, layer_transfer, model_transfer, retained
 from saelab.analysis.steering.vectors import SteeringVector
 from saelab.errors import SaelabError
@@ -24,6 +28,31 @@ def setup():
     g = torch.Generator().manual_seed(1)
     vector = SteeringVector(2 * torch.randn(64, generator=g), HOOK, "caa", "tiny-llama")
     return model, tokenizer, vector
+
+
+def log_odds_by_hand(model, tokenizer, vector, coef: float | None) -> float:
+    """Mean over PAIRS of log p(target) − log p(contrast), one unpadded sequence at a time,
+    with ``coef · vector`` added at every position but BOS (None: the clean model)."""
+    diffs = []
+    for pair in PAIRS:
+        prompt = [tokenizer.bos_token_id, *encode(tokenizer, pair.prompt)]
+        logps = []
+        for completion in (pair.positive, pair.negative):
+            ids = prompt + encode(tokenizer, completion)
+            steering = nullcontext() if coef is None else steer(model, vector, coef)
+            with torch.no_grad(), steering:
+                logits_PV = model(torch.tensor([ids])).logits[0].float()
+            # Token t is predicted at position t - 1; the completion's tokens are t ≥ len(prompt).
+            logp_P = logits_PV[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])
+            logps.append(float(logp_P[len(prompt) - 1 :].sum()))
+        diffs.append(logps[0] - logps[1])
+    return sum(diffs) / len(diffs)
+
+
+def effect_by_hand(model, tokenizer, vector, coef: float) -> float:
+    """The change of the mean log-odds that ``coef · vector`` makes (the transfer effect)."""
+    clean = log_odds_by_hand(model, tokenizer, vector, None)
+    return log_odds_by_hand(model, tokenizer, vector, coef) - clean
 
 
 def test_retained_is_a_ratio_and_none_where_the_reference_is_zero() -> None:
@@ -63,7 +92,13 @@ def test_model_transfer_between_two_models_of_one_width(setup) -> None:
     result = model_transfer(other, tokenizer, vector, COEFS, PAIRS, reference=reference)
     assert result["from_model"] == "tiny-llama" and result["retained"][1] is None
     assert result["effect"] == effects(other, tokenizer, vector, COEFS, PAIRS)
-    assert all(isinstance(r, float) for r in (result["retained"][0], result["retained"][2]))
+    for i in (0, 2):  # coefficient 0 has no effect to retain
+        here = effect_by_hand(model, tokenizer, vector, COEFS[i])
+        there = effect_by_hand(other, tokenizer, vector, COEFS[i])
+        assert abs(here) > 1e-2 and abs(there) > 1e-2  # a ratio of two real effects
+        assert result["reference"][i] == pytest.approx(here, rel=1e-4, abs=1e-5)
+        assert result["effect"][i] == pytest.approx(there, rel=1e-4, abs=1e-5)
+        assert result["retained"][i] == pytest.approx(there / here, rel=1e-3)
 
 
 def test_model_transfer_to_another_width_is_a_one_line_error(setup) -> None:

@@ -45,7 +45,7 @@ def test_batches_have_the_right_shape_and_mean_norm(model, tokenizer, words_file
     batches = iter(stream)
     first = next(batches)[HOOK]
     assert first.shape == (32, 64)
-    buffer = stream._buffer[HOOK]
+    buffer = stream.buffer.rows[HOOK]
     assert buffer.norm(dim=-1).mean().item() == pytest.approx(math.sqrt(64), rel=1e-5)
     assert stream.scales[HOOK] > 0
 
@@ -65,7 +65,7 @@ def test_data_parallel_scale_comes_from_the_norm_sums_of_every_process(
         model, tokenizer, words_file, norm_estimate_tokens=10**6, sum_over_ranks=plus_one
     )
     next(iter(stream))
-    raw_norms = (stream._buffer[HOOK].double() / stream.scales[HOOK]).norm(dim=-1)
+    raw_norms = (stream.buffer.rows[HOOK].double() / stream.scales[HOOK]).norm(dim=-1)
     assert received[0].tolist() == [[pytest.approx(raw_norms.sum().item()), 256]]
     mean_norm = (raw_norms.sum().item() + 1000.0) / (256 + 100)
     assert stream.scales[HOOK] == pytest.approx(math.sqrt(64) / mean_norm, rel=1e-6)
@@ -74,7 +74,7 @@ def test_data_parallel_scale_comes_from_the_norm_sums_of_every_process(
 def test_rows_are_the_kept_positions_of_the_model(model, tokenizer, words_file):
     stream = make_stream(model, tokenizer, words_file)
     next(iter(stream))
-    served = stream._buffer[HOOK] / stream.scales[HOOK]
+    served = stream.buffer.rows[HOOK] / stream.scales[HOOK]
     # Oracle: the same token batches, activations taken directly, BOS position dropped.
     tokens = TokenBatches(str(words_file), tokenizer, context=16, batch_size=8, seed=0)
     rows = []
@@ -91,10 +91,24 @@ def test_rows_are_the_kept_positions_of_the_model(model, tokenizer, words_file):
 
 
 def test_model_activations_flatten_kept_positions(model):
-    tokens = torch.randint(3, VOCAB_SIZE, (2, 6))
-    keep = token_mask(tokens, 2, [])
-    acts = model_activations(model, tokens, [HOOK], keep)[HOOK]
-    assert acts.shape == (2 * 4, 64)
+    """Row t is the t-th kept (sequence, position) in row-major order, with the value the model
+    computes there: a hand-made mask against HF's own hidden states, picked one by one."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, VOCAB_SIZE, (3, 7), generator=generator)
+    keep = torch.rand(3, 7, generator=generator) > 0.4
+    keep[:, 0] = False  # any pattern works; one row keeps nothing at its start, one keeps all
+    keep[1] = True
+    hooks = [HOOK, "blocks.0.hook_resid_post"]
+    acts = model_activations(model, tokens, hooks, keep)
+    with torch.no_grad():
+        hidden = model(tokens, output_hidden_states=True).hidden_states
+    for hook, layer in zip(hooks, (1, 0), strict=True):
+        expected = torch.stack(
+            [hidden[layer + 1][n, p] for n in range(3) for p in range(7) if keep[n, p]]
+        )
+        assert acts[hook].dtype == torch.float32
+        assert acts[hook].shape == (int(keep.sum()), 64)
+        torch.testing.assert_close(acts[hook], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_several_hooks_share_one_shuffle(model, tokenizer, words_file):
@@ -125,7 +139,27 @@ def test_state_dict_resumes_the_exact_same_batches(model, tokenizer, words_file)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_buffer_is_at_least_two_batches(model, tokenizer, words_file):
-    stream = make_stream(model, tokenizer, words_file, buffer_size=10)
-    assert stream.buffer_size == 64
-    assert next(iter(stream))[HOOK].shape == (32, 64)
+@pytest.mark.parametrize(
+    ("batch_size", "buffer_size"), [(32, 10), (32, 64), (32, 65), (32, 100), (7, 50), (16, 200)]
+)
+def test_buffer_is_at_least_two_batches(model, tokenizer, words_file, batch_size, buffer_size):
+    """The buffer holds max(buffer_size, 2 batches) rows; between refills it serves whole
+    batches, at least one and at most half of what it holds."""
+    stream = make_stream(
+        model, tokenizer, words_file, batch_size=batch_size, buffer_size=buffer_size
+    )
+    size = stream.buffer.size
+    assert size == max(buffer_size, 2 * batch_size)
+    served_per_fill, fills, held = [], None, []
+    for _, batch in zip(range(3 * size // batch_size + 2), stream, strict=False):
+        assert batch[HOOK].shape == (batch_size, 64)
+        held.append(stream.buffer.held)
+        if stream.buffer.rows is not fills:  # a refill just happened
+            fills = stream.buffer.rows
+            served_per_fill.append(0)
+        served_per_fill[-1] += batch_size
+    assert max(held) == size
+    assert len(served_per_fill) >= 3
+    for served in served_per_fill[:-1]:  # the last fill may not be finished
+        assert batch_size <= served <= size // 2
+        assert served % batch_size == 0

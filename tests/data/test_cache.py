@@ -136,7 +136,7 @@ def test_rows_read_back_equal_the_activation_stream(cache, model, tokenizer, wor
     reader = ActivationCacheStream(cache, [HOOK], batch_size=100, buffer_size=256)
     assert reader.scales[HOOK] == pytest.approx(stream.scales[HOOK], rel=1e-5)
     served = take(reader, TOKENS // 100)
-    expected = stream._buffer[HOOK]
+    expected = stream.buffer.rows[HOOK]
     key = torch.randn(64, dtype=torch.float64)  # a random projection orders rows uniquely
     got = served[(served.double() @ key).argsort()]
     want = expected[(expected.double() @ key).argsort()]
@@ -214,7 +214,7 @@ def test_each_epoch_serves_every_row_once_in_a_new_order(cache):
     for _, batch in zip(range(2 * TOKENS // 80), stream, strict=False):
         rows.append(batch[HOOK].clone())
         same.append(batch[SAME].clone())
-        held.append(stream._buffer[HOOK].shape[0])
+        held.append(stream.buffer.rows[HOOK].shape[0])
     served = torch.cat(rows)
     assert torch.equal(served, torch.cat(same))  # one permutation for every hook
     assert max(held) <= 256  # bounded memory: never more than one buffer

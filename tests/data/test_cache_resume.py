@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-import saelab.data.cache as cache_module
+import saelab.data.cache.writer as cache_module
 from saelab.data.cache import INDEX_FILENAME, PROGRESS_FILENAME, write_activation_cache
 from saelab.errors import SaelabError
 from tiny_models import build_tiny_model, build_tiny_tokenizer

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-import saelab.data.cache as cache_module
+import saelab.data.cache.writer as cache_module
 from saelab.cli import main
 from saelab.data.cache import PROGRESS_FILENAME
 

@@ -12,22 +12,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex, to_rgb
 from matplotlib.image import imread
 
 from saelab.atomic import write_json
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.evaluation.evaluate import METRIC_KEYS
-from saelab.evaluation.plots import pareto_front
+from saelab.evaluation.plots import (
+    CURVE_METRICS,
+    ParetoPoint,
+    density_histogram_figure,
+    pareto_figure,
+    pareto_front,
+    training_curves_figure,
+)
 from saelab.evaluation.report import (
     INDEX_FILENAME,
     PARETO_PLOTS,
-    find_sae_dirs,
     load_entries,
     write_report,
 )
 from saelab.saes import ReLUSAE, TopKSAE
-from saelab.saes.storage import save_sae
+from saelab.saes.storage import SPARSITY_FILENAME, find_sae_dirs, read_weights, save_sae
 from saelab_cli import run_saelab
 
 HOOK = "blocks.1.hook_resid_post"
@@ -83,7 +91,23 @@ def report_dir(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_every_png_renders_and_is_not_blank(report_dir: Path):
+def _pixels_at(pixels: np.ndarray, ax, xy_data: tuple[float, float]) -> np.ndarray:
+    """The PNG's RGB pixels in a 5×5 square around where ``ax`` puts ``xy_data``."""
+    x, y = ax.transData.transform(xy_data)
+    col, row = round(float(x)), round(pixels.shape[0] - float(y))
+    return pixels[row - 2 : row + 3, col - 2 : col + 3, :3].reshape(-1, 3)
+
+
+def _share_of(colour: str, patch: np.ndarray) -> float:
+    """Share of the pixels within 0.1 (per channel) of ``colour``."""
+    return float((np.abs(patch - np.array(to_rgb(colour))).max(axis=1) < 0.1).mean())
+
+
+def test_every_png_renders_and_is_not_blank(report_dir: Path, run_dir: Path):
+    """Every PNG is there and not blank, and shows the data: each SAE's marker is drawn where its
+    (L0, metric) falls, each training curve passes through its log records, each histogram counts
+    the SAE's densities. The expected positions come from the plotting functions' figures built on
+    the test's own data; the pixels are read from the report's PNG files."""
     pngs = sorted(report_dir.glob("*.png"))
     names = {p.name for p in pngs}
     assert {filename for *_, filename in PARETO_PLOTS} <= names
@@ -94,6 +118,58 @@ def test_every_png_renders_and_is_not_blank(report_dir: Path):
         height, width = pixels.shape[:2]
         assert width > 200 and height > 150, png.name
         assert float(np.std(pixels[..., :3])) > 0, f"{png.name} is blank"
+
+    metrics = {f: json.loads((run_dir / f / "metrics.json").read_text()) for f in FOLDERS}
+    archs = {f: json.loads((run_dir / f / "cfg.json").read_text())["architecture"] for f in FOLDERS}
+    for key, ylabel, maximize, filename in PARETO_PLOTS:
+        points = [ParetoPoint(f, archs[f], metrics[f]["l0"], metrics[f][key]) for f in FOLDERS]
+        fig = pareto_figure(points, ylabel=ylabel, maximize_y=maximize)
+        FigureCanvasAgg(fig).draw()
+        ax = fig.axes[0]
+        drawn = sorted(tuple(xy) for c in ax.collections for xy in c.get_offsets().tolist())
+        assert drawn == sorted((p.x, p.y) for p in points)
+        colours = {c.get_label(): to_hex(c.get_facecolor()[0]) for c in ax.collections}
+        pixels = imread(report_dir / filename)
+        assert pixels.shape[:2] == (fig.bbox.height, fig.bbox.width)
+        for point in points:
+            marker = _pixels_at(pixels, ax, (point.x, point.y))
+            assert _share_of(colours[point.architecture], marker) > 0.3, (filename, point)
+        # Control: halfway between two markers (on the front's dashed line) no marker colour.
+        (x0, y0), (x1, y1) = drawn[0], drawn[-1]
+        between = _pixels_at(pixels, ax, ((x0 + x1) / 2, (y0 + y1) / 2))
+        assert all(_share_of(c, between) == 0 for c in colours.values()), filename
+
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    order = [path.name for path in find_sae_dirs([run_dir])]  # the report's order: colours, files
+    curves = {f: [r for r in records if r.get("sae") == f and "event" not in r] for f in order}
+    fig = training_curves_figure(curves)
+    FigureCanvasAgg(fig).draw()
+    pixels = imread(report_dir / "training_curves.png")
+    for ax, metric in zip(fig.axes, CURVE_METRICS, strict=True):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        for folder, rows in curves.items():
+            expected = [[r["tokens"] for r in rows], [r[metric] for r in rows]]
+            assert [list(v) for v in lines[folder].get_data(orig=True)] == expected
+            for row in rows:
+                xy = (row["tokens"], row[metric])
+                # Where curves coincide, the one drawn last is the one seen.
+                on_top = [f for f in order if xy in {(r["tokens"], r[metric]) for r in curves[f]}]
+                near = _pixels_at(pixels, ax, xy)
+                assert _share_of(lines[on_top[-1]].get_color(), near) > 0, (metric, folder, row)
+
+    for i, folder in enumerate(order):
+        density_F = read_weights(run_dir / folder / SPARSITY_FILENAME)["sparsity"]
+        fig = density_histogram_figure(folder, density_F)
+        FigureCanvasAgg(fig).draw()
+        ax = fig.axes[0]
+        alive = density_F[torch.isfinite(density_F)].double().numpy()
+        counts, _ = np.histogram(alive, bins=50)
+        bars = [patch.get_height() for patch in ax.patches]
+        assert bars == counts.tolist() and sum(bars) == len(alive) == len(density_F) - 3
+        tallest = ax.patches[int(np.argmax(bars))]
+        centre = (tallest.get_x() + tallest.get_width() / 2, tallest.get_height() / 2)
+        pixels = imread(report_dir / f"density_{i:03d}.png")
+        assert _share_of(to_hex(tallest.get_facecolor()), _pixels_at(pixels, ax, centre)) > 0.5
 
 
 def test_html_embeds_every_png_and_lists_every_sae_escaped(report_dir: Path):
@@ -121,6 +197,7 @@ def test_sae_without_metrics_is_left_out_of_pareto_with_a_note(run_dir: Path, tm
 
 
 def test_a_single_sae_folder_is_accepted(run_dir: Path):
+    # Paths come back as spelled (the fixture's folder is already resolved).
     assert find_sae_dirs([run_dir / FOLDERS[0]]) == [(run_dir / FOLDERS[0]).resolve()]
     assert len(find_sae_dirs([run_dir])) == len(FOLDERS)
 

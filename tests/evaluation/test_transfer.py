@@ -18,12 +18,12 @@ from saelab.evaluation.transfer import (
     PLOTTED_KEYS,
     TRANSFER_KEYS,
     format_transfer_table,
-    hook_at_layer,
     parse_layers,
     sae_at_layer,
     transfer_matrix,
     transfer_saes,
 )
+from saelab.models.hookpoints import hook_at_layer
 from saelab.saes import TopKSAE
 from saelab.saes.storage import save_sae
 from saelab_cli import run_saelab

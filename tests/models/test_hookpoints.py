@@ -11,11 +11,14 @@ from saelab.errors import SaelabError, UnknownHookError
 from saelab.models import (
     HOOKS,
     capture,
+    hook_at_layer,
     hook_dim,
     hook_layer,
+    hook_layer_and_suffix,
     list_hooks,
     n_layers,
     resolve_hook,
+    split_hook_name,
 )
 from tiny_models import N_LAYERS, VOCAB_SIZE, build_tiny_model, tiny_input_ids
 
@@ -212,3 +215,15 @@ def test_unknown_family_works_only_with_module_paths() -> None:
     assert hook_dim(model, "model.decoder.layers.1.fc2") == 32
     with pytest.raises(SaelabError, match="no hook table"):
         n_layers(model)
+
+
+def test_hook_names_split_into_layer_and_suffix_and_move_between_layers() -> None:
+    for suffix in HOOKS:
+        assert split_hook_name(f"blocks.12.{suffix}") == (12, suffix)
+        assert hook_layer_and_suffix(f"blocks.3.{suffix}") == (3, suffix)
+        assert hook_at_layer(f"blocks.6.{suffix}", 2) == f"blocks.2.{suffix}"
+    for name in ("model.embed_tokens", "blocks.x.hook_resid_post", "blocks.1.hook_nothing", ""):
+        assert split_hook_name(name) is None
+        with pytest.raises(SaelabError, match="no layer index") as err:
+            hook_at_layer(name, 0)
+        assert "\n" not in str(err.value)

@@ -8,6 +8,7 @@ import torch
 
 from saelab.config import SAEConfig, TrainConfig
 from saelab.saes.batchtopk import BatchTopKSAE
+from saelab.saes.registry import sae_folder_name
 from saelab.training.trainer import Trainer
 from synthetic import sparse_stream
 
@@ -168,7 +169,10 @@ def test_threshold_survives_dtype_casts_checkpoints_and_folder_name():
     fresh = _sae(seed=5).float()
     fresh.load_state_dict(sae.state_dict())  # what the trainer checkpoints and resumes
     assert fresh.threshold.item() == 0.123456789
-    assert SAEConfig(hook="h", architecture="batchtopk", k=16).folder_name == "h-batchtopk-x16-k16"
+    assert (
+        sae_folder_name(SAEConfig(hook="h", architecture="batchtopk", k=16))
+        == "h-batchtopk-x16-k16"
+    )
 
 
 def test_trains_with_the_real_trainer():

@@ -11,6 +11,7 @@ import torch
 from saelab.config import SAEConfig, TrainConfig
 from saelab.errors import SaelabError
 from saelab.saes.jumprelu import JumpReLUSAE, heaviside_step, jumprelu
+from saelab.saes.registry import sae_folder_name
 from saelab.training.checkpoint import latest_checkpoint, load_state, save_state
 from saelab.training.trainer import Trainer
 from synthetic import sparse_stream
@@ -144,7 +145,7 @@ def test_inference_is_a_hard_threshold_and_init_is_in_sqrt_d_units():
 
 def test_folder_name_names_the_l0_coefficient():
     cfg = SAEConfig(hook="h", architecture="jumprelu", l1_coefficient=0.02)
-    assert cfg.folder_name == "h-jumprelu-x16-l0_0.02"
+    assert sae_folder_name(cfg) == "h-jumprelu-x16-l0_0.02"
 
 
 def test_trains_with_the_real_trainer():

@@ -10,6 +10,7 @@ from saelab.config import SAEConfig, TrainConfig, load_run_config
 from saelab.errors import SaelabError
 from saelab.saes.batchtopk import BatchTopKSAE
 from saelab.saes.matryoshka import MatryoshkaSAE
+from saelab.saes.registry import sae_folder_name
 from saelab.training.trainer import Trainer
 from synthetic import sparse_stream
 
@@ -129,4 +130,4 @@ def test_trains_with_the_real_trainer():
         after = sae.training_step(held_out).losses["mse"].item()
     assert after < 0.5 * before
     assert sae.threshold.item() > 0
-    assert cfg.folder_name == "h-matryoshka-w64-k4"
+    assert sae_folder_name(cfg) == "h-matryoshka-w64-k4"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saelab.config import SAEConfig
-from saelab.saes import relu
+from saelab.saes.kernels import relu_blocks
 from saelab.saes.relu import ReLUSAE
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -64,7 +64,7 @@ def _random_sae(apply_b_dec: bool, l1: float = 0.7) -> ReLUSAE:
 def test_loss_and_grads_match_reference(apply_b_dec, sparse_path, monkeypatch):
     # The step decodes blocks with few firing features through their non-zeros only;
     # forcing the threshold to 1 (or 0) sends every block down one path.
-    monkeypatch.setattr(relu, "SPARSE_MAX_DENSITY", 1.0 if sparse_path else 0.0)
+    monkeypatch.setattr(relu_blocks, "SPARSE_MAX_DENSITY", 1.0 if sparse_path else 0.0)
     sae = _random_sae(apply_b_dec)
     x = torch.randn(30, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
 

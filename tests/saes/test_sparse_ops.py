@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saelab.saes.sparse_ops import gather_preacts, scatter_dense, sparse_decode
+from saelab.saes.kernels.sparse_ops import gather_preacts, scatter_dense, sparse_decode
 
 B, D, F, K = 7, 5, 24, 4
 

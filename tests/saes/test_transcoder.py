@@ -22,6 +22,7 @@ from saelab.saes import (
     TopKTranscoder,
     Transcoder,
 )
+from saelab.saes.registry import check_run_saes, check_sae_config, sae_folder_name
 from saelab.saes.storage import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, save_sae
 from saelab.training.trainer import Trainer
 from tiny_models import build_tiny_model, build_tiny_tokenizer
@@ -71,26 +72,37 @@ def skip_term(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 # ----- the registry and the config ---------------------------------------------------------------
 
 
-def test_transcoder_classes_are_exactly_the_names_config_treats_as_transcoders():
+def test_transcoder_classes_are_exactly_the_architectures_that_need_an_output_hook():
     for name, cls in ARCHITECTURES.items():
         is_transcoder = issubclass(cls, Transcoder)
-        cfg = SAEConfig(architecture=name, output_hook=OUT_HOOK if is_transcoder else None)
-        assert cfg.is_transcoder is is_transcoder, name
+        assert cls.is_transcoder is is_transcoder, name
+        check_sae_config(
+            SAEConfig(architecture=name, output_hook=OUT_HOOK if is_transcoder else None)
+        )
+        with pytest.raises(SaelabError, match="output_hook"):
+            check_sae_config(
+                SAEConfig(architecture=name, output_hook=None if is_transcoder else OUT_HOOK)
+            )
     assert {"transcoder", "skip_transcoder", "topk_transcoder", "topk_skip_transcoder"} <= set(
         ARCHITECTURES
     )
 
 
 def test_config_requires_output_hook_for_transcoders_and_rejects_it_otherwise():
+    # The architecture checks its settings when a run starts (and when an SAE is built).
     with pytest.raises(SaelabError) as err:
-        SAEConfig(architecture="topk_transcoder", hook=IN_HOOK)
+        check_run_saes([SAEConfig(architecture="topk_transcoder", hook=IN_HOOK)])
     assert "output_hook" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(SaelabError) as err:
-        SAEConfig(architecture="topk", hook=IN_HOOK, output_hook=OUT_HOOK)
+        check_run_saes([SAEConfig(architecture="topk", hook=IN_HOOK, output_hook=OUT_HOOK)])
     assert "output_hook" in str(err.value) and "transcoder" in str(err.value)
+    with pytest.raises(SaelabError, match="output_hook"):
+        TopKTranscoder(SAEConfig(architecture="topk_transcoder", hook=IN_HOOK), D_IN, d_out=D_OUT)
     for field, value in (("apply_b_dec_to_input", True), ("b_dec_init", "mean")):
         with pytest.raises(SaelabError, match=field):
-            SAEConfig(architecture="transcoder", output_hook=OUT_HOOK, **{field: value})
+            check_sae_config(
+                SAEConfig(architecture="transcoder", output_hook=OUT_HOOK, **{field: value})
+            )
     run = RunConfig(
         saes=(
             SAEConfig(architecture="transcoder", hook=IN_HOOK, output_hook=OUT_HOOK),
@@ -354,7 +366,7 @@ def test_trainer_sets_both_scales_and_a_checkpoint_restores_them(tmp_path):
     # The saved folder holds the folded weights: model-unit predictions survive the trip.
     x, _ = data()
     with torch.no_grad():
-        torch.testing.assert_close(load_sae(tmp_path / trained.cfg.folder_name)(x), trained(x))
+        torch.testing.assert_close(load_sae(tmp_path / sae_folder_name(trained.cfg))(x), trained(x))
 
 
 # ----- on a tiny Llama ---------------------------------------------------------------------------
@@ -401,7 +413,7 @@ def test_training_on_a_tiny_llama_lowers_fvu(words_file, tmp_path):
         after = fvu(tc)
         assert after < 0.8 * fvu_before and after < 1, tc.architecture
         # The trainer's FVU is against the target (against x_in it would be far above 1).
-        assert logged["sae"] == tc.cfg.folder_name and logged["fvu"] < 1
+        assert logged["sae"] == sae_folder_name(tc.cfg) and logged["fvu"] < 1
     assert stream.scales[IN_HOOK] != pytest.approx(stream.scales[OUT_HOOK], rel=1e-2)
 
 

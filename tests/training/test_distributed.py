@@ -172,6 +172,23 @@ def test_a_lone_process_changes_nothing():
     assert Distributed(1, 2, local_rank=1, active=True).device_for("cuda:0") == "cuda:1"
 
 
+def test_stats_summed_as_flat_vectors_are_the_stats_of_every_token():
+    """What ``reduce_stats_`` all-reduces: two processes' ``to_flat`` vectors, summed and read
+    back with ``from_flat_``, give the metrics one process computes on all the tokens."""
+    generator = torch.Generator().manual_seed(0)
+    x, recon = torch.randn(2, 10, 3, generator=generator)
+    l0 = torch.randint(0, 5, (10,), generator=generator)
+    fired = torch.randint(0, 4, (2, 5), generator=generator)
+    whole = ReconstructionStats(3, 5)
+    whole.update(x, recon, l0, fired.sum(0))
+    parts = [ReconstructionStats(3, 5) for _ in range(2)]
+    for part, rows, fired_F in zip(parts, (slice(0, 4), slice(4, 10)), fired, strict=True):
+        part.update(x[rows], recon[rows], l0[rows], fired_F)
+    summed = ReconstructionStats(3, 5).from_flat_(parts[0].to_flat() + parts[1].to_flat())
+    assert summed.n_tokens == 10 and torch.equal(summed.fired_F, whole.fired_F)
+    assert summed.compute() == pytest.approx(whole.compute(), rel=1e-12)
+
+
 def test_runs_a_job_cannot_split_are_one_line_errors():
     cfg = RunConfig(train=TrainConfig(batch_size=100), saes=(SAEConfig(),))
     with pytest.raises(SaelabError, match="cannot be split evenly over 3 processes"):

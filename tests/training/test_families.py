@@ -11,6 +11,7 @@ from saelab.data.text import TokenBatches
 from saelab.models.hookpoints import hook_dim
 from saelab.models.intervene import run_to_hooks
 from saelab.saes import ReLUSAE, TopKSAE
+from saelab.saes.registry import sae_folder_name
 from saelab.saes.storage import load_sae
 from saelab.training.trainer import Trainer
 from tiny_models import FAMILIES, VOCAB_SIZE, build_tiny_model, build_tiny_tokenizer
@@ -41,7 +42,7 @@ def test_sweep_over_hooks_trains_and_saves_for_each_family(family, words_file, t
     probe = torch.randint(3, VOCAB_SIZE, (2, 10))
     acts = run_to_hooks(model, probe, list(HOOKS))
     for sae in saes:
-        loaded = load_sae(tmp_path / sae.cfg.folder_name, expected_d_in=sae.d_in)
+        loaded = load_sae(tmp_path / sae_folder_name(sae.cfg), expected_d_in=sae.d_in)
         x = acts[sae.cfg.hook]
         torch.testing.assert_close(loaded(x), sae(x), rtol=1e-4, atol=1e-4)
         # The stream's scale reached the SAE and was folded into the saved weights.

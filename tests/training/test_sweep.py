@@ -15,6 +15,7 @@ import saelab.training.run as run_module
 from saelab.config import DataConfig, ModelConfig, RunConfig, SAEConfig, TrainConfig
 from saelab.data.cache import ActivationCacheStream, read_cache_index, write_activation_cache
 from saelab.errors import SaelabError
+from saelab.saes.registry import sae_folder_name
 from saelab.saes.storage import load_sae, read_sae_cfg
 from saelab.training.run import train_run
 from saelab.training.sweep import (
@@ -95,7 +96,7 @@ def test_training_from_a_cache_never_loads_the_model(
 ):
     cfg = config(words_file, activations=str(cache))
     results = train_run(cfg, tmp_path, progress=False)
-    folder = cfg.saes[0].folder_name
+    folder = sae_folder_name(cfg.saes[0])
     assert results[folder]["tokens"] == 8 * BATCH
     saved = read_sae_cfg(tmp_path / folder)
     # The cache's provenance, not the config's model name, so `saelab eval` finds the model.
@@ -113,7 +114,7 @@ def test_training_from_a_cache_never_loads_the_model(
 def test_cache_run_resumes_bit_exactly(cache, words_file, no_model, tmp_path):
     cfg = config(words_file, activations=str(cache), train={"checkpoint_every_tokens": 4 * BATCH})
     train_run(cfg, tmp_path, progress=False)
-    folder = tmp_path / cfg.saes[0].folder_name
+    folder = tmp_path / sae_folder_name(cfg.saes[0])
     first = load_file(folder / "sae_weights.safetensors")
     # Resuming replays steps 4..8 from the checkpoint (stream buffer, RNG, shard position).
     train_run(cfg, tmp_path, resume=True, progress=False)
@@ -158,15 +159,16 @@ def test_sweep_trains_every_sae_from_one_pass_of_the_model(
     summary = sweep_run(cfg, tmp_path, eval_tokens=300, progress=False)
 
     rows = {row["folder"]: row for row in summary["saes"]}
-    assert list(rows) == [s.folder_name for s in cfg.saes]
+    assert list(rows) == [sae_folder_name(s) for s in cfg.saes]
     written = json.loads((tmp_path / SUMMARY_FILENAME).read_text())
     assert written["saes"] == json.loads(json.dumps(summary["saes"]))
     for sae_cfg in cfg.saes:
-        row = rows[sae_cfg.folder_name]
-        assert (tmp_path / sae_cfg.folder_name / "cfg.json").is_file()
+        row = rows[sae_folder_name(sae_cfg)]
+        assert (tmp_path / sae_folder_name(sae_cfg) / "cfg.json").is_file()
         assert all(math.isfinite(row[m]) for m in SUMMARY_METRICS)
         assert 0 <= row["frac_dead"] <= 1 and row["fvu"] > 0 and row["gamma"] > 0
-    assert rows[cfg.saes[0].folder_name]["l0"] <= 4 and rows[cfg.saes[2].folder_name]["l0"] <= 8
+    assert rows[sae_folder_name(cfg.saes[0])]["l0"] <= 4
+    assert rows[sae_folder_name(cfg.saes[2])]["l0"] <= 8
     assert summary["wall_time_s"] >= summary["train_time_s"] > 0
     assert summary["model"] == str(tiny_model_dir) and summary["activations"] is None
     # One pass: the model made the training rows, the held-out rows and one buffer, not 3×.

@@ -16,7 +16,6 @@ processes, so every process gets the one scale of all their first rows.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +24,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from saelab.data.scale import activation_scale, norm_sum
+from saelab.data.shuffle import ShuffleBuffer
 from saelab.errors import SaelabError
 from saelab.models.intervene import run_to_hooks
 
@@ -92,8 +93,6 @@ class ActivationStream:
         self.token_batches = token_batches
         self.hooks = list(hooks)
         self.batch_size = batch_size
-        # Half the buffer is served between refills, so it must hold at least two batches.
-        self.buffer_size = max(buffer_size, 2 * batch_size)
         self.skip_positions = skip_positions
         if special_ids is None:
             tokenizer = getattr(token_batches, "tokenizer", None)
@@ -104,12 +103,10 @@ class ActivationStream:
         """Sums a tensor over the data-parallel processes (None: this process alone)."""
         self.scales: dict[str, float] = dict(scales or {})
         self.device = torch.device(device) if device else next(model.parameters()).device
-        self.generator = torch.Generator().manual_seed(seed)
+        self.buffer = ShuffleBuffer(batch_size, buffer_size, seed, self.device)
+        """Normalised rows waiting to be served, shuffled."""
         self._tokens_iter: Iterator[Tensor] | None = None
-        self._buffer: dict[str, Tensor] = {}
         self._pending: dict[str, Tensor] = {}
-        self._served = 0
-        self._serve_per_fill = (self.buffer_size // 2 // batch_size) * batch_size
 
     # ----- filling ----------------------------------------------------------------------------
 
@@ -144,47 +141,29 @@ class ActivationStream:
         hooks = [hook for hook in self.hooks if hook not in self.scales]
         if not hooks:
             return
-        # Σ‖x‖ (summed in float64) and the row count of each hook; summed over the processes of
-        # a data-parallel run, they give every process the same scale.
-        sums_H2 = torch.tensor(
-            [
-                [float(s.norm(dim=-1).double().sum()), s.shape[0]]
-                for s in (rows[hook][: self.norm_estimate_tokens] for hook in hooks)
-            ],
-            dtype=torch.float64,
-        )
+        # Σ‖x‖ and the row count of each hook; summed over the processes of a data-parallel
+        # run, they give every process the same scale.
+        first = [rows[hook][: self.norm_estimate_tokens] for hook in hooks]
+        sums_H2 = torch.tensor([[norm_sum(r), r.shape[0]] for r in first], dtype=torch.float64)
         if self.sum_over_ranks is not None:
             sums_H2 = self.sum_over_ranks(sums_H2)
-        for hook, (norm_sum, count) in zip(hooks, sums_H2.tolist(), strict=True):
-            mean_norm = norm_sum / max(count, 1)
-            if not math.isfinite(mean_norm) or mean_norm == 0:
-                raise SaelabError(f"activations at {hook} are all zero or not finite")
-            self.scales[hook] = math.sqrt(rows[hook].shape[-1]) / mean_norm
+        for hook, (total, count) in zip(hooks, sums_H2.tolist(), strict=True):
+            self.scales[hook] = activation_scale(total, count, rows[hook].shape[-1], hook)
             log.info("activation scale for %s: %.4g", hook, self.scales[hook])
 
     def _refill(self) -> None:
-        if not self._buffer:
-            rows = self._next_rows(self.buffer_size)
+        rows = self._next_rows(self.buffer.space())
+        if not self.buffer.rows:
             self._estimate_scales(rows)
-            self._buffer = {h: rows[h] * self.scales[h] for h in self.hooks}
-        else:
-            rows = self._next_rows(self._serve_per_fill)
-            for hook in self.hooks:
-                self._buffer[hook][: self._serve_per_fill] = rows[hook] * self.scales[hook]
-        # One permutation for every hook: row i of each hook is the same token.
-        perm = torch.randperm(self.buffer_size, generator=self.generator).to(self.device)
-        self._buffer = {h: b[perm] for h, b in self._buffer.items()}
-        self._served = 0
+        self.buffer.refill({h: rows[h] * self.scales[h] for h in self.hooks})
 
     # ----- serving ----------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Float[Tensor, "B D"]]]:
         while True:
-            if not self._buffer or self._served >= self._serve_per_fill:
+            if self.buffer.due:
                 self._refill()
-            start = self._served
-            self._served += self.batch_size
-            yield {h: b[start : start + self.batch_size] for h, b in self._buffer.items()}
+            yield self.buffer.take(self.batch_size)
 
     def first_rows(self, n: int) -> dict[str, Tensor]:
         """Raw (unscaled) activations without disturbing the stream: for quick checks."""
@@ -196,10 +175,8 @@ class ActivationStream:
         return {
             "hooks": self.hooks,
             "scales": dict(self.scales),
-            "buffer": {h: b.cpu() for h, b in self._buffer.items()},
+            **self.buffer.state_dict(),  # buffer, served, generator
             "pending": {h: p.cpu() for h, p in self._pending.items()},
-            "served": self._served,
-            "generator": self.generator.get_state(),
             "token_batches": int(self.token_batches.batches_yielded),
         }
 
@@ -209,9 +186,7 @@ class ActivationStream:
                 f"checkpoint stream has hooks {state['hooks']}, this run has {self.hooks}"
             )
         self.scales = {h: float(s) for h, s in state["scales"].items()}
-        self._buffer = {h: b.to(self.device) for h, b in state["buffer"].items()}
+        self.buffer.load_state_dict(state)
         self._pending = {h: p.to(self.device) for h, p in state["pending"].items()}
-        self._served = int(state["served"])
-        self.generator.set_state(state["generator"])
         self.token_batches.skip(int(state["token_batches"]) - self.token_batches.batches_yielded)
         self._tokens_iter = None

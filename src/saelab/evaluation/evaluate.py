@@ -14,7 +14,6 @@ frequency shares, the dead window, ...) and the sanity report (:mod:`.sanity`) g
 
 from __future__ import annotations
 
-import glob
 import logging
 import math
 import os
@@ -42,7 +41,7 @@ from saelab.models.hookpoints import hook_dim
 from saelab.models.loading import load_model
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.metrics import ReconstructionStats, frequency_metrics, max_decoder_cos
-from saelab.saes.storage import CFG_FILENAME, load_sae, read_sae_cfg
+from saelab.saes.storage import find_sae_dirs, load_sae, read_sae_cfg
 from saelab.saes.transcoder import Transcoder
 
 log = logging.getLogger(__name__)
@@ -304,38 +303,6 @@ def evaluate_sae(
     return evaluate_saes([sae], model, tokenizer, **kwargs)[0]
 
 
-_GLOB_CHARS = ("*", "?", "[")
-
-
-def resolve_sae_dirs(specs: list[str | Path]) -> list[Path]:
-    """SAE folders from folders, glob patterns (expanded here, so quoted ones work too) and
-    run/sweep folders (every direct subfolder holding a ``cfg.json``), in order, once each."""
-    found: list[Path] = []
-    for spec in specs:
-        text = os.path.expanduser(str(spec))
-        if Path(text).is_dir():
-            candidates, from_glob = [Path(text)], False
-        elif any(c in text for c in _GLOB_CHARS):
-            candidates, from_glob = [Path(p) for p in sorted(glob.glob(text))], True
-        else:
-            raise SaelabError(
-                f"{spec} is not a folder; pass SAE folders, a run folder or a glob pattern"
-            )
-        matched = []
-        for candidate in candidates:
-            if (candidate / CFG_FILENAME).is_file():
-                matched.append(candidate)
-            elif candidate.is_dir():
-                matched += sorted(s for s in candidate.iterdir() if (s / CFG_FILENAME).is_file())
-        if not matched:
-            what = "nothing that matches it" if from_glob else "no subfolder"
-            raise SaelabError(
-                f"{spec}: {what} holds a {CFG_FILENAME}; pass saved SAE folders or a run folder"
-            )
-        found += matched
-    return list(dict.fromkeys(found))
-
-
 def evaluate_sae_dirs(
     specs: list[str | Path],
     *,
@@ -348,8 +315,8 @@ def evaluate_sae_dirs(
     summary_path: str | Path | None = None,
     write_summary: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate saved SAEs (see :func:`resolve_sae_dirs`), each on its own model, text and
-    context unless overridden; SAEs that share those share the forward passes.
+    """Evaluate saved SAEs (see :func:`~saelab.saes.storage.find_sae_dirs`), each on its own
+    model, text and context unless overridden; SAEs that share those share the forward passes.
 
     Writes ``metrics.json`` and ``eval_info.json`` into every SAE folder and (``write_summary``)
     ``eval_summary.json`` into ``summary_path`` or the folders' common parent. Returns the
@@ -357,7 +324,7 @@ def evaluate_sae_dirs(
     "reference_ce", "warnings", ...}, ...]}`` with every metric (:data:`METRIC_KEYS` and
     :data:`EXTRA_KEYS`) under ``metrics``.
     """
-    dirs = resolve_sae_dirs(specs)
+    dirs = find_sae_dirs(specs)
     groups: dict[tuple[str, str, int], list[tuple[Path, SparseAutoencoder, float | None]]] = {}
     for sae_dir in dirs:
         sae = load_sae(sae_dir, device=device)
@@ -409,38 +376,6 @@ def _summary_entry(sae_dir: Path, metrics: dict[str, float], info: dict[str, Any
 
 def _common_parent(dirs: list[Path]) -> Path:
     return Path(os.path.commonpath([str(d.resolve().parent) for d in dirs]))
-
-
-def evaluate_sae_dir(
-    sae_dir: str | Path,
-    *,
-    model_name: str | None = None,
-    dataset: str | None = None,
-    tokens: int = 8192,
-    context: int | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-) -> dict[str, float]:
-    """Evaluate one saved SAE on its model (or ``model_name``); writes ``metrics.json`` and
-    ``eval_info.json`` beside it (no summary) and returns the metrics."""
-    summary = evaluate_sae_dirs(
-        [sae_dir],
-        model_name=model_name,
-        dataset=dataset,
-        tokens=tokens,
-        context=context,
-        device=device,
-        progress=progress,
-        write_summary=False,
-    )
-    return {key: summary["saes"][0]["metrics"][key] for key in METRIC_KEYS}
-
-
-def format_metrics_table(metrics: dict[str, float], title: str = "") -> str:
-    width = max(len(k) for k in metrics)
-    lines = [title] if title else []
-    lines += [f"{key:<{width}}  {value:>12.6g}" for key, value in metrics.items()]
-    return "\n".join(lines)
 
 
 def format_summary_table(summary: dict[str, Any]) -> str:

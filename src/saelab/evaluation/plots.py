@@ -1,7 +1,8 @@
 """PNG figures for ``saelab report``: feature density, Pareto fronts across SAEs, training curves.
 
 Figures are built on matplotlib's Agg canvas directly (no pyplot, no display, no global state), and
-each returns PNG bytes so the caller decides where they go (a file, a data URI, or both).
+each ``*_png`` returns PNG bytes so the caller decides where they go (a file, a data URI, or
+both). The matching ``*_figure`` returns the figure itself, for reading back what was drawn.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def _png(fig: Figure) -> bytes:
 
 def density_histogram_png(label: str, log10_density_F: Float[torch.Tensor, " F"]) -> bytes:
     """Histogram of log10 feature density; dead features (density 0 → -inf) are counted aside."""
+    return _png(density_histogram_figure(label, log10_density_F))
+
+
+def density_histogram_figure(label: str, log10_density_F: Float[torch.Tensor, " F"]) -> Figure:
+    """The figure of :func:`density_histogram_png`."""
     values_F = log10_density_F.detach().double().cpu()
     alive_F = values_F[torch.isfinite(values_F)]
     n_dead = int(values_F.numel() - alive_F.numel())
@@ -76,13 +82,20 @@ def density_histogram_png(label: str, log10_density_F: Float[torch.Tensor, " F"]
     ax.set_ylabel("features")
     ax.set_title(f"{label}\n{values_F.numel()} features, {n_dead} never fired", fontsize=9)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def pareto_png(
     points: Sequence[ParetoPoint], *, ylabel: str, maximize_y: bool = False, title: str = ""
 ) -> bytes:
     """Scatter of SAEs coloured by architecture, with their Pareto front drawn as a line."""
+    return _png(pareto_figure(points, ylabel=ylabel, maximize_y=maximize_y, title=title))
+
+
+def pareto_figure(
+    points: Sequence[ParetoPoint], *, ylabel: str, maximize_y: bool = False, title: str = ""
+) -> Figure:
+    """The figure of :func:`pareto_png`."""
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
     architectures = sorted({p.architecture for p in points})
@@ -113,11 +126,16 @@ def pareto_png(
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def training_curves_png(records_by_sae: Mapping[str, Sequence[Mapping[str, float]]]) -> bytes:
     """One panel per :data:`CURVE_METRICS` field against tokens, one line per SAE."""
+    return _png(training_curves_figure(records_by_sae))
+
+
+def training_curves_figure(records_by_sae: Mapping[str, Sequence[Mapping[str, float]]]) -> Figure:
+    """The figure of :func:`training_curves_png`."""
     fig = Figure(figsize=(6.5, 3.0 * len(CURVE_METRICS)))
     axes = fig.subplots(len(CURVE_METRICS), 1, sharex=True, squeeze=False)[:, 0]
     for ax, metric in zip(axes, CURVE_METRICS, strict=True):
@@ -131,4 +149,4 @@ def training_curves_png(records_by_sae: Mapping[str, Sequence[Mapping[str, float
     axes[0].legend(fontsize=7)
     axes[-1].set_xlabel("training tokens")
     fig.tight_layout()
-    return _png(fig)
+    return fig

@@ -29,7 +29,7 @@ from saelab.evaluation.plots import (
     pareto_png,
     training_curves_png,
 )
-from saelab.saes.storage import CFG_FILENAME, SPARSITY_FILENAME, read_weights
+from saelab.saes.storage import CFG_FILENAME, SPARSITY_FILENAME, find_sae_dirs, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -76,27 +76,6 @@ class ReportImage:
     filename: str
     title: str
     png: bytes
-
-
-def find_sae_dirs(dirs: Iterable[str | Path]) -> list[Path]:
-    """SAE folders in ``dirs``: each one holding ``cfg.json``, else every folder below that does."""
-    dirs = [Path(d) for d in dirs]
-    found: list[Path] = []
-    for directory in dirs:
-        if not directory.is_dir():
-            raise SaelabError(f"{directory} is not a folder; pass SAE folders or run folders")
-        if (directory / CFG_FILENAME).is_file():
-            found.append(directory)
-        else:
-            found += sorted(p.parent for p in directory.rglob(CFG_FILENAME))
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    if not unique:
-        names = ", ".join(str(d) for d in dirs)
-        raise SaelabError(
-            f"no SAE folders (folders with {CFG_FILENAME}) in {names}; "
-            "pass a run folder or an SAE folder"
-        )
-    return unique
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:
@@ -249,7 +228,8 @@ def write_report(dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
     """Find the SAEs under ``dirs``, write their PNGs and ``index.html`` to ``out_dir``."""
     out_dir = Path(out_dir)
     notes: list[str] = []
-    entries = load_entries(find_sae_dirs(dirs), notes)
+    # Resolved: the page labels SAEs by their trailing folder names.
+    entries = load_entries([d.resolve() for d in find_sae_dirs(dirs)], notes)
     figures = build_figures(entries, notes)
     for figure in figures:
         png = figure.png

@@ -23,10 +23,10 @@ from typing import Any
 from saelab.atomic import write_atomically, write_json
 from saelab.errors import MissingPackageError, SaelabError
 from saelab.evaluation.evaluate import evaluate_saes
-from saelab.models.hookpoints import HOOKS, n_layers, resolve_hook
+from saelab.models.hookpoints import hook_at_layer, hook_layer_and_suffix, n_layers, resolve_hook
 from saelab.models.loading import load_model
 from saelab.saes.base import SparseAutoencoder
-from saelab.saes.storage import load_sae
+from saelab.saes.storage import find_sae_dirs, load_sae
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ PLOTTED_KEYS = {"fvu": "FVU", "ce_loss_recovered": "CE loss recovered"}
 
 TRANSFER_FILENAME = "transfer.json"
 
-_HOOK_NAME = re.compile(r"blocks\.(\d+)\.(.+)")
 _LAYER_ITEM = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
 
 
@@ -60,27 +59,6 @@ def parse_layers(spec: str) -> list[int]:
             raise SaelabError(f"layer range {item.strip()!r} runs backwards; write {last}-{first}")
         layers.update(range(first, last + 1))
     return sorted(layers)
-
-
-def hook_layer_and_suffix(hook: str) -> tuple[int, str]:
-    """(layer, suffix) of a hook name such as ``blocks.6.hook_resid_post`` → (6, "hook_resid_post").
-
-    Module paths and other names without a layer index raise a one-line :class:`SaelabError`.
-    """
-    match = _HOOK_NAME.fullmatch(hook or "")
-    if match is None or match.group(2) not in HOOKS:
-        raise SaelabError(
-            f"hook {hook!r} has no layer index, so it has no counterpart at other layers; "
-            "transfer needs an SAE on a blocks.{L}.<hook> name (see: saelab hooks MODEL)"
-        )
-    return int(match.group(1)), match.group(2)
-
-
-def hook_at_layer(hook: str, layer: int) -> str:
-    """The hook of the same type as ``hook`` at ``layer``: (blocks.6.hook_resid_post, 2) →
-    blocks.2.hook_resid_post."""
-    _, suffix = hook_layer_and_suffix(hook)
-    return f"blocks.{layer}.{suffix}"
 
 
 def sae_at_layer(sae: SparseAutoencoder, layer: int) -> SparseAutoencoder:
@@ -195,6 +173,8 @@ def transfer_saes(
     if not sae_dirs:
         raise SaelabError("no SAE folders given; pass one or more SAE_DIR")
     layer_list = parse_layers(layers) if isinstance(layers, str) else sorted(set(layers))
+    # Run folders and globs expand as for `saelab eval`; a folder given twice is two rows.
+    sae_dirs = [found for spec in sae_dirs for found in find_sae_dirs([spec])]
     saes = [load_sae(d, device=device) for d in sae_dirs]
     for sae in saes:
         hook_layer_and_suffix(sae.cfg.hook)  # fail on raw module paths before loading the model

@@ -139,6 +139,34 @@ _BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_typ
 _HOOK_NAME = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
+def split_hook_name(name: str) -> tuple[int, str] | None:
+    """(layer, suffix) of a hook name: `blocks.6.hook_resid_post` → (6, "hook_resid_post");
+    None for anything else (a module path, an unknown suffix)."""
+    match = _HOOK_NAME.fullmatch(name or "")
+    if match is None or match.group(2) not in HOOKS:
+        return None
+    return int(match.group(1)), match.group(2)
+
+
+def hook_layer_and_suffix(name: str) -> tuple[int, str]:
+    """(layer, suffix) of a hook name, as :func:`split_hook_name`; a name without a layer index
+    (a module path) has no counterpart at other layers and raises a one-line `SaelabError`."""
+    parts = split_hook_name(name)
+    if parts is None:
+        raise SaelabError(
+            f"hook {name!r} has no layer index, so it has no counterpart at other layers; "
+            "use a blocks.{L}.<hook> name (see: saelab hooks MODEL)"
+        )
+    return parts
+
+
+def hook_at_layer(name: str, layer: int) -> str:
+    """The hook of the same type as `name` at `layer`: (`blocks.6.hook_resid_post`, 2) →
+    `blocks.2.hook_resid_post`."""
+    _, suffix = hook_layer_and_suffix(name)
+    return f"blocks.{layer}.{suffix}"
+
+
 def model_family(model: PreTrainedModel) -> Family | None:
     """The hook table for `model`, or None when saelab has none for its `config.model_type`."""
     return _BY_MODEL_TYPE.get(getattr(model.config, "model_type", ""))
@@ -184,9 +212,9 @@ def _resolve(model: PreTrainedModel, name: str) -> tuple[HookPoint, HookKind | N
     """The hook point, and its kind when `name` is a hook name rather than a module path."""
     family = model_family(model)
     blocks = _blocks_path(model, family) if family else None
-    match = _HOOK_NAME.fullmatch(name)
-    if family and blocks and match and match.group(2) in HOOKS:
-        layer, suffix = int(match.group(1)), match.group(2)
+    parts = split_hook_name(name)
+    if family and blocks and parts is not None:
+        layer, suffix = parts
         if layer < len(model.get_submodule(blocks)):
             module, where = family.sites[suffix]
             path = f"{blocks}.{layer}" + (f".{module}" if module else "")

@@ -16,7 +16,6 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from saelab.atomic import publish_folder, temp_folder_beside
 from saelab.errors import MissingPackageError, SaelabError
 
 logger = logging.getLogger(__name__)
@@ -157,17 +157,12 @@ def _dequantise(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 def _write_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
     """Save into a temporary sibling, then rename it into place: never a half-written cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = temp_folder_beside(target)
     try:
-        tmp.chmod(0o755)  # mkdtemp's private 0700 would outlive the rename
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise  # otherwise another process finished the same cache first
+        if not target.is_dir():  # otherwise another process finished the same cache first
+            publish_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -15,6 +15,7 @@ from saelab.saes.jumprelu import JumpReLUSAE
 from saelab.saes.matryoshka import MatryoshkaSAE
 from saelab.saes.registry import ARCHITECTURES, architecture_class
 from saelab.saes.relu import ReLUSAE
+from saelab.saes.storage import find_sae_dirs, load_sae, save_sae
 from saelab.saes.topk import TopKSAE
 from saelab.saes.transcoder import (
     ReLUTranscoder,
@@ -42,6 +43,9 @@ __all__ = [
     "TopKSkipTranscoder",
     "TopKTranscoder",
     "TrainStepOutput",
+    "find_sae_dirs",
+    "load_sae",
+    "save_sae",
     "Transcoder",
     "architecture_class",
     "convert_sae",

@@ -24,8 +24,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from saelab.config import SAEConfig
-from saelab.saes.sparse_ops import scatter_dense, sparse_decode
+from saelab.config import SAEConfig, require
+from saelab.saes.kernels.sparse_ops import scatter_dense, sparse_decode
 
 
 class FeatureActs(ABC):
@@ -116,11 +116,15 @@ class SparseAutoencoder(nn.Module, ABC):
     supports_autocast_bf16: ClassVar[bool] = True
     """Whether :meth:`training_step` may run under ``torch.autocast(bfloat16)``
     (``train.autocast_bf16``): hand-written autograd kernels must accept the mixed dtypes
-    autocast produces (``sparse_ops.fp32_forward`` does); an architecture whose kernels do not
-    sets this to False and the trainer refuses the option for it."""
+    autocast produces (``kernels.sparse_ops.fp32_forward`` does); an architecture whose kernels
+    do not sets this to False and the trainer refuses the option for it."""
     default_b_dec_init: ClassVar[str] = "zeros"
     """How a pre-encoder bias starts when ``cfg.b_dec_init`` is unset (one of
     ``saelab.config.B_DEC_INITS``); a ``b_dec`` that is not subtracted starts at zero."""
+
+    is_transcoder: ClassVar[bool] = False
+    """Whether it predicts ``cfg.output_hook``'s activations from ``cfg.hook``'s (and so needs
+    an output hook); autoencoders reconstruct their input."""
 
     def __init__(
         self,
@@ -132,6 +136,7 @@ class SparseAutoencoder(nn.Module, ABC):
         d_out: int | None = None,
     ) -> None:
         super().__init__()
+        type(self).check_config(cfg)
         self.cfg = cfg
         self.d_in = d_in
         self.d_out = d_in if d_out is None else d_out
@@ -186,6 +191,22 @@ class SparseAutoencoder(nn.Module, ABC):
     def add_parameters_(self) -> None:
         """Create an architecture's parameters beyond the shared four (before initialisation);
         default: none. An architecture without ``b_enc`` sets it to ``None`` here."""
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Refuse settings this architecture cannot run (one-line :class:`SaelabError`); runs when
+        a run starts (:func:`saelab.saes.registry.check_run_saes`) and when an SAE is built."""
+        require(
+            cfg.output_hook is None,
+            f"sae.output_hook is only for transcoders, not {cfg.architecture!r}; drop it or "
+            "choose a transcoder architecture (e.g. --arch topk_transcoder)",
+        )
+
+    @classmethod
+    def folder_setting(cls, cfg: SAEConfig) -> str:
+        """The sparsity setting that ends the default folder name (see
+        :func:`saelab.saes.registry.sae_folder_name`): ``l1_5`` for the L1 coefficient 5."""
+        return f"l1_{cfg.l1_coefficient:g}"
 
     @classmethod
     def saved_tensor_shapes(

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.saes.base import (
     DenseFeatureActs,
@@ -32,8 +33,8 @@ from saelab.saes.base import (
     mse_per_token,
 )
 from saelab.saes.jumprelu import threshold_acts
+from saelab.saes.kernels.sparse_ops import dense_mm, gather_preacts, sparse_decode
 from saelab.saes.registry import register
-from saelab.saes.sparse_ops import dense_mm, gather_preacts, sparse_decode
 
 
 @register
@@ -44,6 +45,10 @@ class BatchTopKSAE(SparseAutoencoder):
     default_decoder_unit_norm = True
     decoder_unit_norm_configurable = True
     default_b_dec_init = "geometric_median"
+
+    @classmethod
+    def folder_setting(cls, cfg: SAEConfig) -> str:
+        return f"k{cfg.k}"
 
     def add_parameters_(self) -> None:
         # float64 as in SAELens: the EMA's small steps would round away in lower precision.

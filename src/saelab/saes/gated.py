@@ -36,6 +36,11 @@ class GatedSAE(SparseAutoencoder):
     saelens_architecture = "gated"
     default_apply_b_dec_to_input = True
 
+    @classmethod
+    def folder_setting(cls, cfg: SAEConfig) -> str:
+        setting = super().folder_setting(cfg)
+        return setting if cfg.gated_penalty == "paper" else f"{setting}-{cfg.gated_penalty}"
+
     def add_parameters_(self) -> None:
         self.b_enc = None  # the gate and the magnitude path have their own biases
         self.b_gate = nn.Parameter(torch.zeros(self.d_sae))

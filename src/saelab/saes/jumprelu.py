@@ -28,9 +28,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from saelab.config import SAEConfig
 from saelab.saes.base import DenseFeatureActs, SparseAutoencoder, TrainStepOutput, mse_per_token
+from saelab.saes.kernels.sparse_ops import fp32_backward, fp32_forward
 from saelab.saes.registry import register
-from saelab.saes.sparse_ops import fp32_backward, fp32_forward
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -108,6 +109,10 @@ class JumpReLUSAE(SparseAutoencoder):
     default_apply_b_dec_to_input = False
     default_decoder_unit_norm = True
     decoder_unit_norm_configurable = True
+
+    @classmethod
+    def folder_setting(cls, cfg: SAEConfig) -> str:
+        return f"l0_{cfg.l1_coefficient:g}"  # its λ weighs an L0 penalty
 
     def add_parameters_(self) -> None:
         # θ per feature in training units (features are the same in model units).

@@ -18,8 +18,8 @@ from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.saes.base import SparseFeatureActs, mse_per_token
 from saelab.saes.batchtopk import BatchTopKSAE
+from saelab.saes.kernels.sparse_ops import sparse_decode
 from saelab.saes.registry import register
-from saelab.saes.sparse_ops import sparse_decode
 
 
 @register

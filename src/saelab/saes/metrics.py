@@ -110,6 +110,38 @@ class ReconstructionStats:
         self.sum_l2_ratio += l2_ratio
         self.fired_F += fired_F.detach().to("cpu", torch.int64)
 
+    # ----- as one vector (sums over processes) -------------------------------------------------
+
+    _SCALARS = (
+        "n_tokens",
+        "sum_l0",
+        "sum_sq_x",
+        "sum_sq_recon",
+        "sum_sq_err",
+        "sum_dot",
+        "sum_cos",
+        "sum_l2_ratio",
+    )
+    _VECTORS = ("sum_x_D", "sum_err_D", "fired_F")
+
+    def to_flat(self) -> Float[Tensor, " N"]:
+        """Every sum in one float64 vector `[8 + 2·d_in + d_sae]`, so that summing vectors
+        (an all-reduce) sums the statistics; :meth:`from_flat_` reads one back."""
+        scalars = torch.tensor([getattr(self, n) for n in self._SCALARS], dtype=torch.float64)
+        return torch.cat([scalars, *(getattr(self, n).double() for n in self._VECTORS)])
+
+    def from_flat_(self, flat: Float[Tensor, " N"]) -> ReconstructionStats:
+        """Set every sum from a :meth:`to_flat` vector (counts rounded back to integers)."""
+        for name, value in zip(self._SCALARS, flat[: len(self._SCALARS)].tolist(), strict=True):
+            setattr(self, name, round(value) if name == "n_tokens" else value)
+        offset = len(self._SCALARS)
+        for name in self._VECTORS:
+            vector = getattr(self, name)
+            part = flat[offset : offset + vector.numel()].to(vector.device)
+            vector.copy_(part if vector.is_floating_point() else part.round())
+            offset += vector.numel()
+        return self
+
     # ----- results ----------------------------------------------------------------------------
 
     def _n(self) -> int:

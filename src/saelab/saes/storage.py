@@ -9,7 +9,10 @@ written to a temp name and renamed; weights are only ever read from safetensors.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from safetensors import safe_open
 
 from saelab import __version__
 from saelab.atomic import write_json, write_safetensors
-from saelab.config import TRANSCODER_SUFFIX, SAEConfig
+from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.registry import architecture_class, from_saelens_architecture
@@ -133,7 +136,7 @@ def _sae_config_from_saelens(cfg: dict[str, Any]) -> tuple[str, SAEConfig, bool]
     fields: dict[str, Any] = {"hook": hook, "architecture": cls.architecture, "width": cfg["d_sae"]}
     if k is not None:
         fields["k"] = int(k)
-    if cls.architecture.endswith(TRANSCODER_SUFFIX):
+    if cls.is_transcoder:
         # SAELens splices a transcoder without hook_name_out at its input hook.
         fields["output_hook"] = meta.get("hook_name_out") or cfg.get("hook_name_out") or hook
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", cls.default_apply_b_dec_to_input))
@@ -207,3 +210,50 @@ def _fold_decoder_norms(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def load_log10_density(directory: str | Path) -> torch.Tensor | None:
     path = Path(directory) / SPARSITY_FILENAME
     return read_weights(path)["sparsity"] if path.is_file() else None
+
+
+_GLOB_CHARS = ("*", "?", "[")
+
+
+def find_sae_dirs(specs: Iterable[str | Path]) -> list[Path]:
+    """Saved SAE folders named by ``specs``, in order, each once (compared resolved).
+
+    A spec is an SAE folder (it holds ``cfg.json``), a run or sweep folder (every folder below it
+    that holds one, at any depth), or a glob pattern of either (expanded here, so quoted ones
+    work too); ``~`` is expanded. Paths come back as spelled. Example::
+
+        find_sae_dirs(["runs/demo"])      # [Path('runs/demo/blocks.6.hook_resid_post-topk-...')]
+    """
+    found: list[Path] = []
+    for spec in specs:
+        text = os.path.expanduser(str(spec))
+        if Path(text).is_dir():
+            candidates, from_glob = [Path(text)], False
+        elif any(c in text for c in _GLOB_CHARS):
+            candidates, from_glob = [Path(p) for p in sorted(glob.glob(text))], True
+        else:
+            raise SaelabError(
+                f"{spec} is not a folder; pass SAE folders, a run folder or a glob pattern"
+            )
+        matched = [sae_dir for candidate in candidates for sae_dir in _sae_dirs_in(candidate)]
+        if not matched:
+            what = "nothing that matches it" if from_glob else "no folder in it"
+            raise SaelabError(
+                f"no SAE folders in {spec}: {what} holds a {CFG_FILENAME}; pass saved SAE "
+                "folders, a run folder or a glob pattern"
+            )
+        found += matched
+    unique: dict[Path, Path] = {}
+    for sae_dir in found:
+        unique.setdefault(sae_dir.resolve(), sae_dir)
+    return list(unique.values())
+
+
+def _sae_dirs_in(folder: Path, top: bool = True) -> list[Path]:
+    """``folder`` if it is a saved SAE, else the saved SAEs below it (not inside one another;
+    linked folders below the top count only as SAEs, so a link loop ends)."""
+    if (folder / CFG_FILENAME).is_file():
+        return [folder]
+    if not folder.is_dir() or (folder.is_symlink() and not top):
+        return []
+    return [found for sub in sorted(folder.iterdir()) for found in _sae_dirs_in(sub, top=False)]

@@ -7,7 +7,7 @@ Decoder rows stay unit norm (gradient projection + renormalisation); ``b_dec`` s
 geometric median of the first batch.
 
 Only the encoder GEMM is dense: the decoder and every backward use the K chosen features
-(:mod:`saelab.saes.sparse_ops`).
+(:mod:`saelab.saes.kernels.sparse_ops`).
 
 Opt-in, off by default: ``sae.bf16_encoder = True`` ranks features with a bfloat16 GEMM (about
 twice as fast on CPUs with AVX-512 BF16), keeps 1.5·K candidates per token and recomputes their
@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from saelab.config import SAEConfig
 from saelab.saes.base import (
     SparseAutoencoder,
     SparseFeatureActs,
@@ -30,8 +31,7 @@ from saelab.saes.base import (
     geometric_median,  # noqa: F401  (re-exported: it lived here before moving to base)
     mse_per_token,
 )
-from saelab.saes.registry import register
-from saelab.saes.sparse_ops import (
+from saelab.saes.kernels.sparse_ops import (
     dense_mm,
     gather_preacts,
     sampled_dots,
@@ -39,6 +39,7 @@ from saelab.saes.sparse_ops import (
     topk_rows,
     transposed_copy,
 )
+from saelab.saes.registry import register
 
 _BLOCK_ELEMENTS = 1 << 21
 """Pre-activations are ranked per block of about this many (8 MB in float32), while in cache."""
@@ -57,6 +58,10 @@ class TopKSAE(SparseAutoencoder):
     default_b_dec_init = "geometric_median"
     bf16_encoder: bool = False
     """Rank features with a bfloat16 encoder GEMM (see the module docstring); off by default."""
+
+    @classmethod
+    def folder_setting(cls, cfg: SAEConfig) -> str:
+        return f"k{cfg.k}"
 
     def init_weights_(self, generator: torch.Generator | None) -> None:
         bound = 1 / math.sqrt(self.d_in)

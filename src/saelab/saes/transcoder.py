@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from saelab.config import SAEConfig
+from saelab.config import SAEConfig, require
 from saelab.errors import SaelabError
 from saelab.saes.base import (
     DenseFeatureActs,
@@ -58,6 +58,24 @@ class Transcoder(SparseAutoencoder):
     has_skip: ClassVar[bool] = False
     """Whether the prediction has the linear skip term ``x_in W_skipᵀ``."""
     default_apply_b_dec_to_input = False
+    is_transcoder = True
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        require(
+            bool(cfg.output_hook),
+            f"sae.architecture={cfg.architecture!r} needs sae.output_hook, the hook it "
+            "predicts (e.g. --output-hook blocks.6.hook_mlp_out)",
+        )
+        # b_dec lives in the output space: it cannot be subtracted from, or fitted to, x_in.
+        require(
+            not cfg.apply_b_dec_to_input,
+            "transcoders have no pre-encoder bias; remove sae.apply_b_dec_to_input",
+        )
+        require(
+            cfg.b_dec_init in (None, "zeros"),
+            f"transcoders start b_dec at zero; remove sae.b_dec_init = {cfg.b_dec_init!r}",
+        )
 
     def __init__(
         self,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from saelab.atomic import write_json, write_safetensors
+from saelab.atomic import publish_folder, write_json, write_safetensors
 from saelab.errors import SaelabError
 from saelab.saes.storage import read_weights
 
@@ -101,6 +101,7 @@ def write_checkpoint(
     """
     root = out_dir / "checkpoints"
     final = root / f"step_{step:08d}"
+    # A fixed name, not a temp_folder_beside: every process must know where to write.
     partial = root / f".step_{step:08d}.partial"
     main = dist is None or dist.is_main
     if main:
@@ -113,8 +114,7 @@ def write_checkpoint(
     if dist is not None:
         dist.barrier()
     if main:
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        publish_folder(partial, final)
         write_json(root / "latest.json", {"step": step, "path": final.name})
         # The newest `keep` folders stay (at least the one just written).
         for old in sorted(root.glob("step_*"))[: -max(keep, 1)]:

@@ -296,39 +296,9 @@ class Distributed:
         tokens, as one process would have counted them (float64 sums)."""
         if not self.data_parallel:
             return stats
-        scalars = torch.tensor(
-            [
-                stats.n_tokens,
-                stats.sum_l0,
-                stats.sum_sq_x,
-                stats.sum_sq_recon,
-                stats.sum_sq_err,
-                stats.sum_dot,
-                stats.sum_cos,
-                stats.sum_l2_ratio,
-            ],
-            dtype=torch.float64,
-        )
-        vectors = (stats.sum_x_D, stats.sum_err_D, stats.fired_F)
-        flat = torch.cat([scalars, *(v.double() for v in vectors)])
+        flat = stats.to_flat()
         self._sum_(flat)
-        (
-            n_tokens,
-            stats.sum_l0,
-            stats.sum_sq_x,
-            stats.sum_sq_recon,
-            stats.sum_sq_err,
-            stats.sum_dot,
-            stats.sum_cos,
-            stats.sum_l2_ratio,
-        ) = flat[: len(scalars)].tolist()
-        stats.n_tokens = round(n_tokens)
-        offset = len(scalars)
-        for vector in vectors:
-            part = flat[offset : offset + vector.numel()]
-            vector.copy_(part if vector.is_floating_point() else part.round())
-            offset += vector.numel()
-        return stats
+        return stats.from_flat_(flat)
 
 
 # ----- joining and leaving a torchrun job ---------------------------------------------------------

@@ -32,7 +32,7 @@ from saelab.errors import SaelabError
 from saelab.models.hookpoints import hook_dim
 from saelab.models.loading import load_model
 from saelab.saes.base import SparseAutoencoder
-from saelab.saes.registry import architecture_class
+from saelab.saes.registry import architecture_class, check_run_saes, sae_folder_name
 from saelab.training.distributed import BroadcastStream, Distributed, distributed_session
 from saelab.training.trainer import Trainer
 
@@ -199,11 +199,14 @@ def run_config_for(cfg: RunConfig, out_dir: str | Path, resume: bool) -> RunConf
     """The config a run into ``out_dir`` uses: ``cfg``, or the saved one when resuming; refuses
     to overwrite a finished run."""
     out_dir = Path(out_dir)
+    check_run_saes(cfg.saes)  # architecture-dependent checks, before any long work
     if resume:
         saved = out_dir / CONFIG_FILENAME
         if not saved.is_file():
             raise SaelabError(f"nothing to resume: {saved} does not exist")
-        return load_run_config(saved)
+        saved_cfg = load_run_config(saved)
+        check_run_saes(saved_cfg.saes)
+        return saved_cfg
     if (out_dir / CONFIG_FILENAME).exists() and any(out_dir.glob("*/cfg.json")):
         raise SaelabError(
             f"{out_dir} already holds a finished run; pass --resume to continue it or "
@@ -253,7 +256,7 @@ def fit_run(
             (
                 i,
                 {
-                    "folder": s.cfg.folder_name,
+                    "folder": sae_folder_name(s.cfg),
                     "d_in": s.d_in,
                     "d_sae": s.d_sae,
                     "lr": st.base_lr,

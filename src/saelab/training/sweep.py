@@ -37,6 +37,7 @@ from saelab.config import RunConfig
 from saelab.errors import SaelabError
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.metrics import ReconstructionStats
+from saelab.saes.registry import sae_folder_name
 from saelab.training.distributed import Distributed, distributed_session
 from saelab.training.run import fit_run, run_config_for
 
@@ -141,7 +142,7 @@ def _sweep(
     done = time.perf_counter()
     rows = []
     for i, sae, values in zip(run.sae_ids or range(len(run.saes)), run.saes, metrics, strict=True):
-        folder = sae.cfg.folder_name
+        folder = sae_folder_name(sae.cfg)
         rows.append(
             (
                 i,

@@ -20,9 +20,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import sys
 import time
 import zlib
 from collections.abc import Iterable
@@ -37,10 +35,12 @@ from saelab.config import TrainConfig
 from saelab.errors import SaelabError
 from saelab.saes.base import SparseAutoencoder, TrainStepOutput
 from saelab.saes.metrics import ReconstructionStats
+from saelab.saes.registry import sae_folder_name
 from saelab.saes.storage import save_sae
 from saelab.training.checkpoint import latest_checkpoint, load_state, write_checkpoint
 from saelab.training.distributed import Distributed
 from saelab.training.loggers import RunLogger
+from saelab.training.process import tune_for_training
 from saelab.training.resampling import FeatureResampler, resample_due
 from saelab.training.schedules import lr_multiplier, penalty_multiplier
 
@@ -101,29 +101,6 @@ def _target(sae: SparseAutoencoder, batch: dict[str, torch.Tensor]) -> torch.Ten
     return None if sae.cfg.output_hook is None else batch[sae.cfg.output_hook]
 
 
-_MALLOC_TUNED = False
-
-
-def _reuse_freed_memory() -> None:
-    """Ask glibc to keep freed blocks of up to 32 MB for reuse instead of unmapping them.
-
-    A step allocates and frees the same 20 MB gradients and work buffers every time. glibc's
-    default returns such blocks to the kernel, and the next step faults each 4 KiB page back in
-    (measured 5–10 % of a TopK step in a VM). A training process reuses that memory at once, so
-    holding it costs nothing; elsewhere (not Linux/glibc) this does nothing.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or sys.platform != "linux":
-        return
-    _MALLOC_TUNED = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB free at the heap top
-    except (OSError, AttributeError):
-        log.debug("glibc mallopt unavailable; freed memory goes back to the kernel")
-
-
 class Trainer:
     def __init__(
         self,
@@ -154,22 +131,24 @@ class Trainer:
         self._next_checkpoint = cfg.checkpoint_every_tokens or None
 
     def _new_state(self, sae: SparseAutoencoder) -> SAEState:
-        if sae.W_enc.device.type == "cpu":
-            _reuse_freed_memory()
+        # Here rather than in the run, so any caller of the trainer (benchmarks, notebooks) has
+        # the same step speed.
+        tune_for_training(str(sae.W_enc.device))
         lr = self.cfg.lr if self.cfg.lr is not None else type(sae).default_lr(sae.d_sae)
         optimizer = _adam(_param_groups(sae), lr, (self.cfg.adam_beta1, self.cfg.adam_beta2))
         device = sae.W_enc.device
+        folder = sae_folder_name(sae.cfg)
         return SAEState(
             sae=sae,
             optimizer=optimizer,
             base_lr=lr,
-            folder=sae.cfg.folder_name,
+            folder=folder,
             window=ReconstructionStats(sae.d_out, sae.d_sae),
             fired_total_F=torch.zeros(sae.d_sae, dtype=torch.int64, device=device),
             tokens_since_fired_F=torch.zeros(sae.d_sae, dtype=torch.int64, device=device),
             # Seeded by the run's seed and the SAE's folder: sweeps draw independent inputs.
             resampler=FeatureResampler(
-                self.cfg, sae, seed=torch.initial_seed() + zlib.crc32(sae.cfg.folder_name.encode())
+                self.cfg, sae, seed=torch.initial_seed() + zlib.crc32(folder.encode())
             ),
         )
 

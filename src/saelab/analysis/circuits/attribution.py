@@ -30,7 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.analysis.circuits.config import CIRCUIT_METHODS
+from saelab.analysis.circuits.registry import attribution_method, register_method
 from saelab.analysis.circuits.spliced import SiteEdit, SiteValues, SplicedModel
 from saelab.analysis.circuits.tasks import TaskBatch, last_positions, logit_diff
 from saelab.errors import SaelabError
@@ -181,6 +181,21 @@ def integrated_gradients(
     return NodeEffects(feats, errors, "ig")
 
 
+@register_method("atp")
+def _by_attribution_patching(
+    spliced: SplicedModel, batch: TaskBatch, metric: Metric, *, ig_steps: int, progress: bool
+) -> NodeEffects:
+    """One backward pass at the clean values (`ig_steps` and `progress` have no use here)."""
+    return attribution_patching(spliced, batch, metric)
+
+
+@register_method("ig")
+def _by_integrated_gradients(
+    spliced: SplicedModel, batch: TaskBatch, metric: Metric, *, ig_steps: int, progress: bool
+) -> NodeEffects:
+    return integrated_gradients(spliced, batch, ig_steps, metric, progress)
+
+
 def node_effects(
     spliced: SplicedModel,
     batch: TaskBatch,
@@ -190,9 +205,7 @@ def node_effects(
     metric: Metric = logit_diff,
     progress: bool = False,
 ) -> NodeEffects:
-    """IE of every node by `method` (one of :data:`saelab.config.CIRCUIT_METHODS`)."""
-    if method == "atp":
-        return attribution_patching(spliced, batch, metric)
-    if method == "ig":
-        return integrated_gradients(spliced, batch, ig_steps, metric, progress)
-    raise SaelabError(f"attribution method must be one of {CIRCUIT_METHODS}, got {method!r}")
+    """IE of every node by `method`, a name in
+    :data:`~saelab.analysis.circuits.registry.ATTRIBUTION_METHODS` (``atp``, ``ig``)."""
+    by_method = attribution_method(method)
+    return by_method(spliced, batch, metric, ig_steps=ig_steps, progress=progress)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Importing the methods registers them, so the registry is full before it is read below.
+from saelab.analysis.circuits import attribution  # noqa: F401
+from saelab.analysis.circuits.registry import ATTRIBUTION_METHODS
 from saelab.config import require
 
-CIRCUIT_METHODS = ("atp", "ig")
-"""How ``saelab circuit`` attributes the metric to nodes: attribution patching or integrated
-gradients (METHODS §9.1)."""
+CIRCUIT_METHODS = tuple(ATTRIBUTION_METHODS)
+"""How ``saelab circuit`` attributes the metric to nodes: ``atp`` (attribution patching) or ``ig``
+(integrated gradients), METHODS §9.1; the names registered in
+:data:`~saelab.analysis.circuits.registry.ATTRIBUTION_METHODS`."""
 ABLATIONS = ("mean", "zero")
 """What nodes outside a circuit are set to: their mean over the patch batch, or zero."""
 KEEP_PER = ("position", "prompt")
@@ -47,7 +51,7 @@ class CircuitConfig:
         require(self.n_prompts >= 1, f"--n-prompts must be at least 1, got {self.n_prompts}")
         require(self.ig_steps >= 1, f"--ig-steps must be at least 1, got {self.ig_steps}")
         for name, value, allowed in (
-            ("method", self.method, CIRCUIT_METHODS),
+            ("method", self.method, tuple(ATTRIBUTION_METHODS)),
             ("ablation", self.ablation, ABLATIONS),
             ("keep_per", self.keep_per, KEEP_PER),
             ("rank_by", self.rank_by, RANK_BY),

@@ -34,10 +34,9 @@ from saelab.analysis.circuits.spliced import SiteEdit, SplicedModel
 from saelab.analysis.circuits.tasks import TaskBatch, clean_metric, load_task, tokenize_task
 from saelab.atomic import write_atomically, write_json
 from saelab.errors import SaelabError
-from saelab.evaluation.evaluate import resolve_sae_dirs
 from saelab.models.loading import load_model
 from saelab.saes.base import SparseAutoencoder
-from saelab.saes.storage import load_sae
+from saelab.saes.storage import find_sae_dirs, load_sae
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +50,11 @@ def summarise(metric_N: Tensor) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
-class _Loaded:
-    """What both experiments start from."""
+class _Experiment:
+    """What both experiments share: the SAEs, model and tokenised task they start from, and how
+    their result JSON is assembled and written."""
 
+    cfg: CircuitConfig
     model: Any
     model_name: str
     dirs: list[Path]
@@ -61,19 +62,47 @@ class _Loaded:
     batch: TaskBatch
     examples: list[str]
 
+    @classmethod
+    def load(
+        cls, sae_specs: list[str | Path], cfg: CircuitConfig, model_name: str | None, device: str
+    ) -> _Experiment:
+        """The SAEs, the model (`model_name`, else the one the first SAE was trained on) and the
+        task's prompts, tokenised, on `device`."""
+        dirs = find_sae_dirs(sae_specs)
+        saes = [load_sae(d, device=device) for d in dirs]
+        name = model_name or str(saes[0].metadata.get("model_name") or "default")
+        model, tokenizer = load_model(name, device=device)
+        task = load_task(cfg.task, tokenizer, cfg.n_prompts, cfg.seed)
+        if len(task.prompts) < cfg.n_prompts:
+            log.info("the task has %d prompts (asked for %d)", len(task.prompts), cfg.n_prompts)
+        batch = tokenize_task(task, tokenizer).to(device)
+        return cls(cfg, model, name, dirs, saes, batch, list(task.prompts[:3]))
 
-def _load(
-    sae_specs: list[str | Path], cfg: CircuitConfig, model_name: str | None, device: str
-) -> _Loaded:
-    dirs = resolve_sae_dirs(sae_specs)
-    saes = [load_sae(d, device=device) for d in dirs]
-    name = model_name or str(saes[0].metadata.get("model_name") or "default")
-    model, tokenizer = load_model(name, device=device)
-    task = load_task(cfg.task, tokenizer, cfg.n_prompts, cfg.seed)
-    if len(task.prompts) < cfg.n_prompts:
-        log.info("the task has %d prompts (asked for %d)", len(task.prompts), cfg.n_prompts)
-    batch = tokenize_task(task, tokenizer).to(device)
-    return _Loaded(model, name, dirs, saes, batch, list(task.prompts[:3]))
+    def result(self, hook: str | None = None, **fields: Any) -> dict[str, Any]:
+        """The result: task and model, `hook` where the experiment is at one, the prompts,
+        `fields` in their order, and the config."""
+        head: dict[str, Any] = {"task": self.cfg.task, "model": self.model_name}
+        if hook is not None:
+            head["hook"] = hook
+        return {
+            **head,
+            "n_prompts": len(self.batch),
+            "example_prompts": self.examples,
+            **fields,
+            "config": dataclasses.asdict(self.cfg),
+        }
+
+    @staticmethod
+    def write(out: str | Path, name: str, result: dict[str, Any], extras: dict[str, Any]) -> None:
+        """`extras` (PNG bytes, or anything else as JSON), then `result` as `name`, each
+        atomically in `out`."""
+        out = Path(out)
+        # The result JSON goes last, so a folder that has it has every other file too.
+        for file, content in [*extras.items(), (name, result)]:
+            if isinstance(content, bytes):
+                write_atomically(out / file, lambda p, data=content: p.write_bytes(data))
+            else:
+                write_json(out / file, content)
 
 
 def _topk_edits(
@@ -116,8 +145,8 @@ def run_circuit(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Attributions, top-k metrics and the faithfulness curve of SAEs at distinct hooks."""
-    loaded = _load(sae_specs, cfg, model_name, device)
-    model, saes, batch = loaded.model, loaded.saes, loaded.batch
+    exp = _Experiment.load(sae_specs, cfg, model_name, device)
+    model, saes, batch = exp.model, exp.saes, exp.batch
     spliced = SplicedModel(model, saes)
     log.info("attributing the metric of %d prompts by %s", len(batch), cfg.method)
     effects = node_effects(spliced, batch, cfg.method, ig_steps=cfg.ig_steps, progress=progress)
@@ -141,31 +170,22 @@ def run_circuit(
         ablate_errors=cfg.ablate_errors,
         progress=progress,
     )
-    result = {
-        "task": cfg.task,
-        "model": loaded.model_name,
-        "n_prompts": len(batch),
-        "example_prompts": loaded.examples,
-        "saes": [
+    l0s = l0_on_prompts(spliced, batch).values()
+    result = exp.result(
+        saes=[
             {"dir": str(d), "hook": s.cfg.hook, "d_sae": s.d_sae, "l0_on_prompts": l0}
-            for d, s, l0 in zip(
-                loaded.dirs, saes, l0_on_prompts(spliced, batch).values(), strict=True
-            )
+            for d, s, l0 in zip(exp.dirs, saes, l0s, strict=True)
         ],
-        "metrics": metrics,
-        "top_features": [
+        metrics=metrics,
+        top_features=[
             {"hook": hook, "feature": feature, "ie": ie}
             for hook, feature, ie in effects.top_features(cfg.k)
         ],
-        "error_nodes": [{"hook": h, "ie": ie} for h, ie in effects.error_totals().items()],
-        "ie_definition": "metric change, summed over positions, mean over prompts",
-        "config": dataclasses.asdict(cfg),
-    }
-    out = Path(out)
-    write_json(out / "faithfulness.json", curve)
-    png = faithfulness_png(curve, f"{cfg.task} on {loaded.model_name}", mark_k=cfg.k)
-    write_atomically(out / "faithfulness.png", lambda p: p.write_bytes(png))
-    write_json(out / "circuit.json", result)
+        error_nodes=[{"hook": h, "ie": ie} for h, ie in effects.error_totals().items()],
+        ie_definition="metric change, summed over positions, mean over prompts",
+    )
+    png = faithfulness_png(curve, f"{cfg.task} on {exp.model_name}", mark_k=cfg.k)
+    exp.write(out, "circuit.json", result, {"faithfulness.json": curve, "faithfulness.png": png})
     result["faithfulness"] = curve
     return result
 
@@ -180,66 +200,64 @@ def run_compare(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Two SAEs at one hook: top-k keeping of the larger-L0 one versus the one with L0 ≈ k."""
-    loaded = _load(sae_specs, cfg, model_name, device)
-    model, saes, batch = loaded.model, loaded.saes, loaded.batch
+    exp = _Experiment.load(sae_specs, cfg, model_name, device)
+    model, saes, batch = exp.model, exp.saes, exp.batch
     if len(saes) != 2 or saes[0].cfg.hook != saes[1].cfg.hook:
         hooks = [s.cfg.hook for s in saes]
         raise SaelabError(
             f"--compare needs exactly two SAEs at the same hook, got {len(saes)} at {hooks}"
         )
     entries = []
-    for d, sae in zip(loaded.dirs, saes, strict=True):
+    for d, sae in zip(exp.dirs, saes, strict=True):
         spliced = SplicedModel(model, [sae])
-        entries.append((d, sae, spliced, l0_on_prompts(spliced, batch)[sae.cfg.hook]))
-    entries.sort(key=lambda e: -e[3])  # the larger L0 first
+        entries.append((d, spliced, l0_on_prompts(spliced, batch)[sae.cfg.hook]))
+    entries.sort(key=lambda e: -e[2])  # the larger L0 first
     with torch.no_grad():
         clean = summarise(clean_metric(model, batch))
         saes_out, variants = [], []
-        for d, _, spliced, l0 in entries:
+        for d, spliced, l0 in entries:
             label = f"{d.name} (L0 {l0:.1f})"
             saes_out.append({"label": label, "dir": str(d), "l0_on_prompts": l0})
-            effects = None
-            if cfg.rank_by == "attribution":
-                with torch.enable_grad():
-                    effects = node_effects(spliced, batch, cfg.method, ig_steps=cfg.ig_steps)
-            runs = {
-                "full": spliced.metric(batch, add_error=False),
-                "full+error": spliced.metric(batch),
-            }
-            for add_error in (False, True):
-                edits = _topk_edits(spliced, batch, cfg, add_error, effects)
-                variant = f"top-{cfg.k}" + ("+error" if add_error else "")
-                runs[variant] = spliced.metric(batch, edits)
-            full = summarise(runs["full"])["logit_diff"]
-            for variant, metric_N in runs.items():
-                s = summarise(metric_N)
-                variants.append(
-                    {
-                        "sae": label,
-                        "variant": variant,
-                        **s,
-                        "frac_of_clean": _ratio(s["logit_diff"], clean["logit_diff"]),
-                        "frac_of_full_sae": _ratio(s["logit_diff"], full),
-                    }
-                )
-    result = {
-        "task": cfg.task,
-        "model": loaded.model_name,
-        "hook": saes[0].cfg.hook,
-        "n_prompts": len(batch),
-        "example_prompts": loaded.examples,
-        "k": cfg.k,
-        "keep_per": cfg.keep_per,
-        "clean": clean,
-        "saes": saes_out,
-        "variants": variants,
-        "config": dataclasses.asdict(cfg),
-    }
-    out = Path(out)
-    png = compare_png(result)
-    write_atomically(out / "compare.png", lambda p: p.write_bytes(png))
-    write_json(out / "compare.json", result)
+            variants += _compare_variants(spliced, batch, cfg, label, clean["logit_diff"])
+    result = exp.result(
+        hook=saes[0].cfg.hook,
+        k=cfg.k,
+        keep_per=cfg.keep_per,
+        clean=clean,
+        saes=saes_out,
+        variants=variants,
+    )
+    exp.write(out, "compare.json", result, {"compare.png": compare_png(result)})
     return result
+
+
+def _compare_variants(
+    spliced: SplicedModel, batch: TaskBatch, cfg: CircuitConfig, label: str, clean: float
+) -> list[dict[str, Any]]:
+    """One SAE's rows of ``compare.json``: the full SAE and its top-k keeping, each with and
+    without the error term, against the clean model's and the full SAE's metric."""
+    effects = None
+    if cfg.rank_by == "attribution":
+        with torch.enable_grad():
+            effects = node_effects(spliced, batch, cfg.method, ig_steps=cfg.ig_steps)
+    runs = {"full": spliced.metric(batch, add_error=False), "full+error": spliced.metric(batch)}
+    for add_error in (False, True):
+        edits = _topk_edits(spliced, batch, cfg, add_error, effects)
+        runs[f"top-{cfg.k}" + ("+error" if add_error else "")] = spliced.metric(batch, edits)
+    full = summarise(runs["full"])["logit_diff"]
+    rows = []
+    for variant, metric_N in runs.items():
+        s = summarise(metric_N)
+        rows.append(
+            {
+                "sae": label,
+                "variant": variant,
+                **s,
+                "frac_of_clean": _ratio(s["logit_diff"], clean),
+                "frac_of_full_sae": _ratio(s["logit_diff"], full),
+            }
+        )
+    return rows
 
 
 def _ratio(a: float, b: float) -> float | None:

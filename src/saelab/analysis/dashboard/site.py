@@ -10,36 +10,34 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from saelab import __version__
-from saelab.analysis.dashboard.render import (
-    StatsLike,
-    feature_ids,
+from saelab.analysis.dashboard.pages import (
+    INDEX_FILENAME,
+    PAGES_DIRNAME,
     feature_page,
     index_page,
     preview_and_search_tokens,
     shown_meta,
 )
+from saelab.analysis.dashboard.render import feature_ids
+from saelab.atomic import write_folder_atomically
 from saelab.errors import SaelabError
 from saelab.saes.storage import CFG_FILENAME
+
+if TYPE_CHECKING:  # annotations only: `saelab serve` needs no model stack
+    from saelab.analysis.features import FeatureStats
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILENAME = "dashboard.json"
 """Marks a folder as a saelab dashboard (and so safe to replace); lists what it holds."""
-INDEX_FILENAME = "index.html"
-FEATURES_DIRNAME = "features"
-DEFAULT_STATS_DIRNAME = "features"
-"""Where ``saelab features`` saves an SAE's statistics by default: ``SAE_DIR/features``."""
 DEFAULT_TOKENS = 65_536
 """Tokens the statistics are computed over when none are given (as ``saelab features``)."""
 
@@ -74,7 +72,7 @@ def parse_feature_selection(spec: str, available: Sequence[int]) -> list[int]:
 
 
 def choose_pages(
-    stats: StatsLike, features: str | None = None, top: int | None = None
+    stats: FeatureStats, features: str | None = None, top: int | None = None
 ) -> list[int]:
     """Feature ids that get a page: all (default), a ``features`` selection such as ``"0-99"``,
     or the ``top`` N features by density (dead features never count among them)."""
@@ -114,24 +112,8 @@ def _check_target(out: Path) -> None:
         )
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` onto ``out``; an old ``out`` is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:  # put the old dashboard back rather than leave nothing
-            os.replace(old / out.name, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_dashboard(
-    stats: StatsLike,
+    stats: FeatureStats,
     out: str | Path,
     pages: Iterable[int] | None = None,
     title: str | None = None,
@@ -166,11 +148,9 @@ def write_dashboard(
     }
     title = title or default_title(stats.meta)
     start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        features_dir = tmp / FEATURES_DIRNAME
-        features_dir.mkdir()
+    with write_folder_atomically(out) as tmp:
+        pages_dir = tmp / PAGES_DIRNAME
+        pages_dir.mkdir()
         previews: list[list[str]] = []
         search: list[list[str]] = []
         density = [float(d) for d in stats.density.tolist()]
@@ -181,7 +161,7 @@ def write_dashboard(
             search.append(near)
             if i in neighbours:
                 html_text = feature_page(stats, i, title, *neighbours[i], top=top)
-                (features_dir / f"{ids[i]}.html").write_text(html_text, encoding="utf-8")
+                (pages_dir / f"{ids[i]}.html").write_text(html_text, encoding="utf-8")
         (tmp / INDEX_FILENAME).write_text(
             index_page(stats, previews, search, neighbours.keys(), title), encoding="utf-8"
         )
@@ -196,12 +176,6 @@ def write_dashboard(
             "meta": shown_meta(stats.meta),
         }
         (tmp / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        # mkdtemp makes the folder owner-only; a served or shared site should read like any other.
-        os.chmod(tmp, 0o777 & ~_umask())
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "dashboard of %d features (%d pages) written to %s in %.1f s (%.2f s per 1000 pages)",
         len(ids),
@@ -213,19 +187,13 @@ def write_dashboard(
     return out / INDEX_FILENAME
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def load_or_compute_stats(
     sae_dir: str | Path,
     stats_dir: str | Path | None = None,
     recompute: bool = False,
     progress: bool = True,
     **compute: Any,
-) -> Any:
+) -> FeatureStats:
     """The feature statistics for the dashboard of the SAE at ``sae_dir``.
 
     ``stats_dir`` given: the statistics saved there (a one-line error when they are missing or
@@ -234,7 +202,14 @@ def load_or_compute_stats(
     ``context``, ``model``, ``data``, ``device``; ``None`` means the default) and saved there for
     next time. ``recompute`` computes them in any case, into ``stats_dir`` or ``SAE_DIR/features``.
     """
-    from saelab.analysis.features import META_FILENAME, FeatureStats, write_feature_stats
+    # Here, not at the top: the features package loads the model stack, which `saelab serve`
+    # (it imports this module) does without.
+    from saelab.analysis.features import (
+        DEFAULT_STATS_DIRNAME,
+        META_FILENAME,
+        FeatureStats,
+        write_feature_stats,
+    )
 
     sae_dir = Path(sae_dir)
     target = Path(stats_dir) if stats_dir is not None else sae_dir / DEFAULT_STATS_DIRNAME
@@ -271,7 +246,7 @@ def build_dashboard(
     top: int | None = None,
     progress: bool = True,
     **compute: Any,
-) -> tuple[Path, Any]:
+) -> tuple[Path, FeatureStats]:
     """``saelab dashboard``: statistics (read or computed, see :func:`load_or_compute_stats`),
     then the site in ``out``. Returns ``out/index.html`` and the statistics."""
     stats = load_or_compute_stats(sae_dir, stats_dir, recompute, progress, **compute)

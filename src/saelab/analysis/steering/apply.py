@@ -1,7 +1,7 @@
 """Steering a model while it scores or generates: a vector added at a hook, inside a `with`.
 
-Positions (:data:`~saelab.config.STEERING_POSITIONS`) are absolute indices in the sequence, BOS
-at 0:
+Positions (:data:`~saelab.analysis.steering.config.STEERING_POSITIONS`) are absolute indices in
+the sequence, BOS at 0:
 
 * ``all``: every position but BOS (``h[t] += c·v`` for t ≥ 1);
 * ``after_prompt``: positions t ≥ prompt length, i.e. the tokens the model writes (CAA's rule).
@@ -20,7 +20,7 @@ baseline, not coefficient 0).
 Example:
     >>> with steer(model, vector, 4.0):
     ...     logits = model(input_ids).logits
-    >>> text = generate(model, tokenizer, "I think that", vector, coef=4.0)
+    >>> text = generate(model, tokenizer, "I think that", Steering(vector, 4.0))
 """
 
 from __future__ import annotations

@@ -7,12 +7,16 @@
 * **mean** ``v = mean_t h(target) − mean_t h(general)``, means over kept positions (BOS, padding
   and special tokens excluded).
 * **sae-feature** ``v = u·d_i`` (``d_i`` the raw decoder row in model units) and **sae-clamp**
-  (``h ← h + (c·u − f_i(h))·d_i``), ``u`` the unit of :data:`~saelab.config.SAE_UNITS`:
-  ``max_act`` the feature's largest activation: ``max_act`` when given, else from saved feature
-  statistics (``SAE_DIR/features`` or ``stats``; see :mod:`.steering_units`), else measured on
-  the general text (``source["max_act_source"]`` says which), ``resid_norm``
-  ``mean‖h‖/‖d_i‖`` so that c = 1 adds a vector as long as the mean residual, ``activation`` 1.
-  Both steer at the SAE's own hook, in model units.
+  (``h ← h + (c·u − f_i(h))·d_i``), both :func:`sae_vector`, ``u`` the unit of
+  :data:`~saelab.analysis.steering.config.SAE_UNITS`: ``max_act`` the feature's largest
+  activation: ``max_act`` when given, else from saved feature statistics (``SAE_DIR/features``
+  or ``stats``; see :mod:`~saelab.analysis.steering.units`), else measured on the general text
+  (``source["max_act_source"]`` says which: ``given``, ``stats`` or ``measured``),
+  ``resid_norm`` ``mean‖h‖/‖d_i‖`` so that c = 1 adds a vector as long as the mean residual,
+  ``activation`` 1. Both steer at the SAE's own hook, in model units.
+
+Each method's builder registers itself (:func:`~.registry.register_method`), and
+:func:`build_vector` builds the one a :class:`~.config.SteerVectorConfig` names.
 
 Example:
     >>> vector = caa_vector(model, tokenizer, read_pairs("pairs.jsonl"), "blocks.6.hook_resid_post")
@@ -22,16 +26,16 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from saelab.analysis.steering.config import SteerVectorConfig
 from saelab.analysis.steering.data import (
     ContrastPair,
     TextRows,
@@ -43,6 +47,7 @@ from saelab.analysis.steering.data import (
     read_text_rows,
     right_pad,
 )
+from saelab.analysis.steering.registry import builder_for, register_method
 from saelab.analysis.steering.units import find_stats_dir, stats_max_act
 from saelab.analysis.steering.vectors import (
     SteeringVector,
@@ -57,10 +62,15 @@ from saelab.models.loading import bos_token_id
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.storage import load_sae
 
+if TYPE_CHECKING:  # at run time the config imports this module (to learn the methods)
+    from saelab.analysis.steering.config import SteerVectorConfig
+
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 16
 """Sequences per forward pass while building."""
+SAE_METHODS = ("sae-feature", "sae-clamp")
+"""The methods that steer with an SAE feature (:func:`sae_vector`)."""
 
 
 def _device(model: PreTrainedModel) -> torch.device:
@@ -224,26 +234,43 @@ def feature_statistics(
     return {"max_act": max_act, "resid_norm": norm_sum / max(count, 1), "tokens": count}
 
 
-def _sae_vector(
-    method: str,
+def sae_vector(
     model: PreTrainedModel,
     tokenizer: Any,
     sae: SparseAutoencoder | str | Path,
     feature: int,
     *,
-    units: str,
-    general: str | Sequence[str],
-    tokens: int,
-    context: int,
-    seed: int,
-    model_name: str | None,
+    method: str = "sae-feature",
+    units: str = "max_act",
+    general: str | Sequence[str] = "default",
+    tokens: int = 4096,
+    context: int = 128,
+    seed: int = 0,
+    model_name: str | None = None,
     max_act: float | None = None,
     stats: str | Path | None = None,
-    sae_dir: str | None = None,
+    sae_dir: str | Path | None = None,
 ) -> SteeringVector:
+    """An SAE feature as a steering vector at the SAE's hook, in model units (see the module
+    doc for ``units``): ``sae-feature`` holds ``u·d_i``; ``sae-clamp`` holds ``d_i`` (clamping
+    feature i to ``c·u``, the error term kept) with ``u`` in ``source["unit_scale"]``.
+
+    ``sae`` is an SAE or its folder. The folder (``sae_dir`` for an SAE already loaded from one)
+    is recorded so the vector can be traced back; an sae-clamp vector can be saved only when it
+    records one. ``max_act`` overrides the unit; ``stats`` names a folder of feature statistics
+    to read it from (default: ``SAE_DIR/features`` when it holds them).
+
+    Example:
+        >>> sae_vector(model, tokenizer, "runs/demo/SAE", 3589, units="resid_norm").norm
+    """
+    if method not in SAE_METHODS:
+        raise SaelabError(
+            f"an SAE vector's method is one of {', '.join(SAE_METHODS)}, not {method!r}"
+        )
     if not isinstance(sae, SparseAutoencoder):
-        sae_dir = str(Path(sae).expanduser().resolve())
-        sae = load_sae(sae_dir, device=str(_device(model)))
+        sae_dir = sae
+        sae = load_sae(str(Path(sae).expanduser().resolve()), device=str(_device(model)))
+    sae_dir = None if sae_dir is None else str(Path(sae_dir).expanduser().resolve())
     d_D = decoder_row(sae, feature)
     hook = check_fits(model, SteeringVector(d_D, sae.cfg.hook, method, model_label(model)))
     details: dict[str, Any] = {"sae": sae_dir, "feature": feature, "units": units}
@@ -277,107 +304,41 @@ def _sae_vector(
     return SteeringVector((unit * d_D).cpu(), hook, method, name, details)
 
 
-def sae_feature_vector(
-    model: PreTrainedModel,
-    tokenizer: Any,
-    sae: SparseAutoencoder | str | Path,
-    feature: int,
-    *,
-    units: str = "max_act",
-    general: str | Sequence[str] = "default",
-    tokens: int = 4096,
-    context: int = 128,
-    seed: int = 0,
-    model_name: str | None = None,
-    max_act: float | None = None,
-    stats: str | Path | None = None,
-) -> SteeringVector:
-    """An SAE feature's decoder direction ``u·d_i`` at the SAE's hook (see the module doc for
-    ``units``). ``sae`` is an SAE or its folder (a folder is recorded, so the vector can be
-    traced back). ``max_act`` overrides the unit; ``stats`` names a folder of feature statistics
-    to read it from (default: ``SAE_DIR/features`` when it holds them)."""
-    return _sae_vector(
-        "sae-feature",
-        model,
-        tokenizer,
-        sae,
-        feature,
-        units=units,
-        general=general,
-        tokens=tokens,
-        context=context,
-        seed=seed,
-        model_name=model_name,
-        max_act=max_act,
-        stats=stats,
-    )
-
-
-def sae_clamp_vector(
-    model: PreTrainedModel,
-    tokenizer: Any,
-    sae: SparseAutoencoder | str | Path,
-    feature: int,
-    *,
-    units: str = "max_act",
-    general: str | Sequence[str] = "default",
-    tokens: int = 4096,
-    context: int = 128,
-    seed: int = 0,
-    model_name: str | None = None,
-    max_act: float | None = None,
-    stats: str | Path | None = None,
-) -> SteeringVector:
-    """Clamping feature i to ``c·u`` with the error term kept: ``h + (c·u − f_i(h))·d_i``.
-
-    The vector holds ``d_i``; ``source["unit_scale"]`` holds ``u``. Only an SAE given as a
-    folder can be saved with the vector (the folder is what ``vector.json`` records).
-    """
-    return _sae_vector(
-        "sae-clamp",
-        model,
-        tokenizer,
-        sae,
-        feature,
-        units=units,
-        general=general,
-        tokens=tokens,
-        context=context,
-        seed=seed,
-        model_name=model_name,
-        max_act=max_act,
-        stats=stats,
-    )
-
-
-Builder = Callable[[PreTrainedModel, Any, SteerVectorConfig, str | None], SteeringVector]
+sae_feature_vector = partial(sae_vector, method="sae-feature")
+"""An SAE feature's decoder direction ``u·d_i``: :func:`sae_vector` of method ``sae-feature``."""
+sae_clamp_vector = partial(sae_vector, method="sae-clamp")
+"""Clamping an SAE feature to ``c·u`` (``h + (c·u − f_i(h))·d_i``): :func:`sae_vector` of
+method ``sae-clamp``."""
 
 
 def _hook_of(cfg: SteerVectorConfig) -> str:
     return cfg.hook or SAEConfig().hook
 
 
-def _build_caa(model, tokenizer, cfg: SteerVectorConfig, name: str | None) -> SteeringVector:
-    pairs = read_pairs(cfg.pairs)
-    hook = _hook_of(cfg)
+@register_method("caa")
+def _build_caa(model, tokenizer, cfg: SteerVectorConfig, model_name: str | None) -> SteeringVector:
     return caa_vector(
         model,
         tokenizer,
-        pairs,
-        hook,
+        read_pairs(cfg.pairs),
+        _hook_of(cfg),
         answer_offset=cfg.answer_offset,
-        model_name=name,
+        model_name=model_name,
         source={"pairs_file": str(cfg.pairs)},
     )
 
 
-def _build_actadd(model, tokenizer, cfg: SteerVectorConfig, name: str | None) -> SteeringVector:
+@register_method("actadd")
+def _build_actadd(
+    model, tokenizer, cfg: SteerVectorConfig, model_name: str | None
+) -> SteeringVector:
     return actadd_vector(
-        model, tokenizer, cfg.positive, cfg.negative, _hook_of(cfg), model_name=name
+        model, tokenizer, cfg.positive, cfg.negative, _hook_of(cfg), model_name=model_name
     )
 
 
-def _build_mean(model, tokenizer, cfg: SteerVectorConfig, name: str | None) -> SteeringVector:
+@register_method("mean")
+def _build_mean(model, tokenizer, cfg: SteerVectorConfig, model_name: str | None) -> SteeringVector:
     return mean_centred_vector(
         model,
         tokenizer,
@@ -387,44 +348,34 @@ def _build_mean(model, tokenizer, cfg: SteerVectorConfig, name: str | None) -> S
         tokens=cfg.tokens,
         context=cfg.context,
         seed=cfg.seed,
-        model_name=name,
+        model_name=model_name,
     )
 
 
-def _build_sae(model, tokenizer, cfg: SteerVectorConfig, name: str | None) -> SteeringVector:
-    sae_dir = str(Path(cfg.sae).expanduser().resolve())
-    sae = load_sae(sae_dir, device=str(_device(model)))
+@register_method(*SAE_METHODS)
+def _build_sae(model, tokenizer, cfg: SteerVectorConfig, model_name: str | None) -> SteeringVector:
+    sae = load_sae(str(Path(cfg.sae).expanduser().resolve()), device=str(_device(model)))
     if cfg.hook is not None and cfg.hook != sae.cfg.hook:
         raise SaelabError(
             f"the SAE was trained at {sae.cfg.hook}, and SAE features steer at their own hook "
             f"(not {cfg.hook}); drop --hook, or add --transfer-layers to try other layers"
         )
-    return _sae_vector(
-        cfg.method,
+    return sae_vector(
         model,
         tokenizer,
         sae,
         cfg.feature,
+        method=cfg.method,
         units=cfg.sae_units,
         general=cfg.general,
         tokens=cfg.tokens,
         context=cfg.context,
         seed=cfg.seed,
-        model_name=name,
+        model_name=model_name,
         max_act=cfg.max_act,
         stats=cfg.stats,
-        sae_dir=sae_dir,
+        sae_dir=cfg.sae,
     )
-
-
-BUILDERS: dict[str, Builder] = {
-    "caa": _build_caa,
-    "actadd": _build_actadd,
-    "mean": _build_mean,
-    "sae-feature": _build_sae,
-    "sae-clamp": _build_sae,
-}
-"""One builder per name of ``saelab.config.STEERING_METHODS`` (a test keeps them equal)."""
 
 
 def build_vector(
@@ -434,7 +385,7 @@ def build_vector(
     model_name: str | None = None,
 ) -> SteeringVector:
     """The vector ``cfg`` describes, built on ``model`` (recorded as ``model_name``)."""
-    vector = BUILDERS[cfg.method](model, tokenizer, cfg, model_name)
+    vector = builder_for(cfg.method)(model, tokenizer, cfg, model_name)
     check_fits(model, vector)
     log.info(
         "built a %s vector at %s: shape %s, norm %.4g",

@@ -6,13 +6,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# Importing build registers every builder, so BUILDERS is complete below.
+from saelab.analysis.steering.build import SAE_METHODS
+from saelab.analysis.steering.registry import BUILDERS
 from saelab.config import require
 
-STEERING_METHODS = ("caa", "actadd", "mean", "sae-feature", "sae-clamp")
+STEERING_METHODS = tuple(BUILDERS)
 """How ``saelab steer`` builds a steering vector (METHODS §8): contrastive activation addition
 (mean difference at the answer position), ActAdd (one prompt pair, one vector per position),
 mean-centring (target text mean minus general text mean), an SAE feature's decoder direction, or
-clamping an SAE feature to a value (the SAE error term kept)."""
+clamping an SAE feature to a value (the SAE error term kept): the keys of
+:data:`~saelab.analysis.steering.registry.BUILDERS`, in the order they register."""
 STEERING_POSITIONS = ("all", "after_prompt", "front")
 """Where a vector is added: every position but BOS; positions from the end of the prompt on (the
 tokens the model writes, CAA's rule); the first T positions after BOS, one row each (ActAdd)."""
@@ -78,7 +82,7 @@ class SteerVectorConfig:
             "mean": (self.target is not None, "--method mean needs --target TEXT_SPEC"),
         }
         has_feature = self.sae is not None and self.feature is not None
-        for method in ("sae-feature", "sae-clamp"):
+        for method in SAE_METHODS:
             needs[method] = (has_feature, f"--method {method} needs --sae SAE_DIR and --feature I")
         ok, message = needs[self.method]
         require(ok, message)
@@ -102,13 +106,13 @@ class SteerVectorConfig:
             f"--max-act must be a positive activation, got {self.max_act}",
         )
         require(
-            self.stats is None or self.method.startswith("sae-"),
+            self.stats is None or self.uses_sae,
             f"--stats is for --method sae-feature or sae-clamp, not {self.method}; drop it",
         )
 
     @property
     def uses_sae(self) -> bool:
-        return self.method.startswith("sae-")
+        return self.method in SAE_METHODS
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ coefficient 0, exactly; for ``sae-clamp`` coefficient 0 ablates the feature):
 * ``delta_logit_diff``: mean change of log p(target) − log p(contrast), the log-odds between the
   two; for one-token completions it is exactly the change of their logit difference.
 
-Cost, on neutral text with the vector applied as in :mod:`steering_apply` (each row's prompt is
-its BOS, so ``after_prompt`` steers all of it), averaged over positions that are kept (not BOS,
-padding or special) and have a next token, as in ``evaluation/splice.py``:
+Cost, on neutral text with the vector applied as in :mod:`~saelab.analysis.steering.apply`
+(each row's prompt is its BOS, so ``after_prompt`` steers all of it), averaged over positions
+that are kept (not BOS, padding or special) and have a next token, as in
+``evaluation/splice.py``:
 
 * ``kl``: KL(p_clean ‖ p_steered) per position;
 * ``delta_ce``: next-token CE steered − clean.

@@ -23,8 +23,7 @@ from saelab.analysis.steering.data import ContrastPair
 from saelab.analysis.steering.score import EFFECT_KEY, effect_sweep
 from saelab.analysis.steering.vectors import SteeringVector, check_fits, model_label
 from saelab.errors import SaelabError
-from saelab.evaluation.transfer import hook_at_layer, hook_layer_and_suffix
-from saelab.models.hookpoints import n_layers
+from saelab.models.hookpoints import hook_at_layer, hook_layer_and_suffix, n_layers
 
 
 def retained(effects: Sequence[float], reference: Sequence[float]) -> list[float | None]:

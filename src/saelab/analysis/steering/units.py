@@ -18,16 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from saelab.analysis.features import META_FILENAME, FeatureStats
+from saelab.analysis.features import DEFAULT_STATS_DIRNAME, META_FILENAME, FeatureStats
 from saelab.errors import SaelabError
 from saelab.saes.base import SparseAutoencoder
-
-DEFAULT_STATS_DIRNAME = "features"
-"""Where ``saelab features`` saves an SAE's statistics by default: ``SAE_DIR/features``."""
-
-MAX_ACT_SOURCES = ("given", "stats", "measured")
-"""Where a ``max_act`` unit came from, as ``vector.json`` records it (``max_act_source``):
-``--max-act``, saved feature statistics, or measured on ``--general`` text while building."""
 
 
 def find_stats_dir(sae_dir: str | Path | None, stats: str | Path | None) -> Path | None:

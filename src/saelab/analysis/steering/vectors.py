@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformers import PreTrainedModel
@@ -52,7 +51,7 @@ class SteeringVector:
     hook: str
     """Where it was built and, unless moved, where it is applied."""
     method: str
-    """One of ``saelab.config.STEERING_METHODS``."""
+    """One of :data:`~saelab.analysis.steering.config.STEERING_METHODS`."""
     model: str
     """The model it was built on."""
     source: dict[str, Any] = field(default_factory=dict)
@@ -179,9 +178,3 @@ def decoder_row(sae: SparseAutoencoder, feature: int) -> Float[Tensor, " D"]:
         )
     # The saved weights are folded, but an SAE fresh from training still carries its scale.
     return (sae.W_dec[feature] / sae.activation_scale).detach().float()
-
-
-def sae_feature_value(sae: SparseAutoencoder, feature: int, x: Tensor) -> Tensor:
-    """The activation of ``feature`` for raw activations ``x [..., D]`` (shape ``x[..., 0]``)."""
-    with torch.no_grad():
-        return sae.encode(x)[..., feature]
