@@ -178,3 +178,44 @@ def test_every_cli_example_parses():
                 message = stderr.getvalue().strip().splitlines()
                 failures.append(f"{doc}:{line}: {command!r}: {message[-1] if message else exc}")
     assert not failures, "doc examples the parser rejects:\n" + "\n".join(failures)
+
+
+def shown_defaults(value: object) -> set[str]:
+    """The ways a default may be written in a table cell: ``8192``, ``8_192``, ``2e5``..."""
+    if isinstance(value, tuple | list):
+        items = [f"{v:g}" if isinstance(v, float) else str(v) for v in value]
+        return {",".join(items), ", ".join(items), " ".join(items)}
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {str(value), f"{value:_}", f"{value:,}"}
+    if isinstance(value, float):
+        return {f"{value:g}", str(value), repr(value)}
+    return {str(value)}
+
+
+def test_every_flag_default_in_the_reference_is_the_parser_default():
+    """The default column says what the parser (the config field) really defaults to, so the
+    reference cannot drift from the one declaration of each option."""
+    sections = cli_sections()
+    parser = real_parser()
+    wrong = []
+    for name, sub in subparsers(parser).items():
+        rows = [line for line in sections.get(name, []) if line.startswith("|")]
+        for action in sub._actions:
+            default = action.default
+            if (
+                not action.option_strings
+                or isinstance(action, argparse._HelpAction | argparse._StoreTrueAction)
+                or default in (None, (), [], argparse.SUPPRESS)
+            ):
+                continue
+            row = next(
+                (r for r in rows if f"`{action.option_strings[0]}`" in r.split("|")[1]), None
+            )
+            if row is None:
+                continue  # a missing row is the test above's failure
+            cell = row.rstrip().rstrip("|").split("|")[-1].replace("`", "")
+            if not any(text in cell for text in shown_defaults(default)):
+                wrong.append(
+                    f"saelab {name} {action.option_strings[0]}: {default!r} not in {cell!r}"
+                )
+    assert not wrong, "defaults in docs/cli.md that are not the parser's:\n" + "\n".join(wrong)

@@ -38,7 +38,9 @@ def test_node_effects_dispatches_by_name():
         for hook in HOOKS:
             assert torch.equal(by_name.features[hook], direct.features[hook])
             assert torch.equal(by_name.errors[hook], direct.errors[hook])
-    with pytest.raises(SaelabError, match="attribution method must be one of"):
+    with pytest.raises(
+        SaelabError, match="unknown attribution method .nope.; choose one of: atp, ig"
+    ):
         node_effects(spliced, batch, "nope")
 
 

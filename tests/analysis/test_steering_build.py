@@ -46,7 +46,7 @@ def test_every_method_has_exactly_one_builder() -> None:
     assert all(callable(builder_for(method)) for method in STEERING_METHODS)
     # A second builder for a name is refused, and the first one stays.
     caa = BUILDERS["caa"]
-    with pytest.raises(SaelabError, match="'caa' already has a builder"):
+    with pytest.raises(SaelabError, match="steering method 'caa' is already registered"):
         register_method("caa")(lambda model, tokenizer, cfg, model_name: None)
     assert BUILDERS["caa"] is caa and tuple(BUILDERS) == STEERING_METHODS
     with pytest.raises(SaelabError, match="choose one of: caa, actadd"):

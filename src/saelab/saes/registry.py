@@ -14,27 +14,24 @@ from typing import TYPE_CHECKING, TypeVar
 
 from saelab.config import SAEConfig, require
 from saelab.errors import SaelabError
+from saelab.registry import Registry
 
 if TYPE_CHECKING:
     from saelab.saes.base import SparseAutoencoder
 
-ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {}
+ARCHITECTURES: Registry[type[SparseAutoencoder]] = Registry("SAE architecture", sorted_names=True)
 """saelab architecture name → class, filled by :func:`register` as each module is imported."""
 
 _T = TypeVar("_T", bound="type[SparseAutoencoder]")
 
 
 def register(cls: _T) -> _T:
-    ARCHITECTURES[cls.architecture] = cls
-    return cls
+    """Class decorator: register the architecture under its ``architecture`` name."""
+    return ARCHITECTURES.register(cls.architecture)(cls)
 
 
-def architecture_class(name: str) -> type[SparseAutoencoder]:
-    if name not in ARCHITECTURES:
-        raise SaelabError(
-            f"unknown SAE architecture {name!r}; choose one of: {', '.join(sorted(ARCHITECTURES))}"
-        )
-    return ARCHITECTURES[name]
+architecture_class = ARCHITECTURES.lookup
+"""The class of an architecture name; an unknown name lists the architectures."""
 
 
 def sae_folder_name(cfg: SAEConfig) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from saelab.errors import SaelabError
+from saelab.registry import Registry
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -44,25 +44,11 @@ class AttributionMethod(Protocol):
     ) -> NodeEffects: ...
 
 
-ATTRIBUTION_METHODS: dict[str, AttributionMethod] = {}
+ATTRIBUTION_METHODS: Registry[AttributionMethod] = Registry("attribution method")
 """Method name (``--method``) → function, filled by :func:`register_method` as
 :mod:`~saelab.analysis.circuits.attribution` is imported."""
 
-
-def register_method(name: str) -> Callable[[AttributionMethod], AttributionMethod]:
-    """Decorator: make the function the attribution method called `name`."""
-
-    def register(method: AttributionMethod) -> AttributionMethod:
-        ATTRIBUTION_METHODS[name] = method
-        return method
-
-    return register
-
-
-def attribution_method(name: str) -> AttributionMethod:
-    """The method registered as `name`; an unknown name lists the known ones."""
-    if name not in ATTRIBUTION_METHODS:
-        raise SaelabError(
-            f"attribution method must be one of {tuple(ATTRIBUTION_METHODS)}, got {name!r}"
-        )
-    return ATTRIBUTION_METHODS[name]
+register_method = ATTRIBUTION_METHODS.register
+"""Decorator: make the function the attribution method of the name given."""
+attribution_method = ATTRIBUTION_METHODS.lookup
+"""The method registered under a name; an unknown name lists the known ones."""

@@ -16,10 +16,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from saelab.errors import SaelabError
+from saelab.registry import Registry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -41,32 +40,11 @@ class Builder(Protocol):
     ) -> SteeringVector: ...
 
 
-BUILDERS: dict[str, Builder] = {}
+BUILDERS: Registry[Builder] = Registry("steering method")
 """Method name (``--method``) → builder, filled by :func:`register_method` as
 :mod:`~saelab.analysis.steering.build` is imported."""
 
-
-def register_method(*names: str) -> Callable[[Builder], Builder]:
-    """Decorator: make the function the builder of each method in ``names``. A name has one
-    builder; registering it again is an error."""
-
-    def register(builder: Builder) -> Builder:
-        taken = [name for name in names if name in BUILDERS]
-        if taken:
-            raise SaelabError(
-                f"steering method {taken[0]!r} already has a builder "
-                f"({BUILDERS[taken[0]].__name__}); give {builder.__name__} another name"
-            )
-        BUILDERS.update(dict.fromkeys(names, builder))
-        return builder
-
-    return register
-
-
-def builder_for(method: str) -> Builder:
-    """The builder of ``method``; a one-line error lists the methods there are."""
-    if method not in BUILDERS:
-        raise SaelabError(
-            f"unknown steering method {method!r}; choose one of: {', '.join(BUILDERS)}"
-        )
-    return BUILDERS[method]
+register_method = BUILDERS.register
+"""Decorator: make the function the builder of each method named; a name has one builder."""
+builder_for = BUILDERS.lookup
+"""The builder of a method; a one-line error lists the methods there are."""
