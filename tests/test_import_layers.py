@@ -17,7 +17,17 @@ import saelab
 LAYERS = ["cli", "analysis", "evaluation", "training", "saes", "data", "models", "config"]
 """Left imports right, never the reverse."""
 
-FOUNDATION = {"errors", "atomic", "__init__", "config"}
+FOUNDATION = {
+    "errors",
+    "atomic",
+    "outputs",
+    "registry",
+    "lazy",
+    "safetensors_check",
+    "signals",
+    "__init__",
+    "config",
+}
 """Top-level modules every layer may import (``saelab`` itself is its ``__init__``)."""
 
 SRC = Path(saelab.__file__).parent

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -367,15 +369,55 @@ class RunConfig:
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sae": SAEConfig}
 
 
+def value_fits(value: Any, hint: Any) -> bool:
+    """Whether a TOML/JSON value has a config field's type (``int``, ``float | None``,
+    ``tuple[int, ...]`` as a list, ...); a bool is not a number, an int is a float."""
+    if isinstance(hint, types.UnionType):
+        return any(value_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, list | tuple) and all(value_fits(v, item) for v in value)
+    return isinstance(hint, type) and isinstance(value, hint)
+
+
+def type_name(hint: Any) -> str:
+    """``int``, ``float | None``, ``tuple[int, ...]``: a field's type as written."""
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    require(
+        isinstance(table, dict),
+        f"[{where}] must be a table of fields, got {table!r}; write [{where}] and the fields "
+        "below it",
+    )
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(table) - set(known))
     require(
         not unknown,
         f"unknown field(s) {', '.join(unknown)} in [{where}]; valid: {', '.join(sorted(known))}",
     )
+    values = {k: _coerce(known[k], v, where) for k, v in table.items()}
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        # TOML values keep their own type: `k = 1.5` or `hook = ["a"]` must not reach the run.
+        whole = isinstance(value, float) and value.is_integer()
+        if whole and int in (hints[key], *typing.get_args(hints[key])):
+            values[key] = value = int(value)  # `tokens = 2e6`
+        require(
+            value_fits(value, hints[key]),
+            f"{where}.{key} must be of type {type_name(hints[key])}, got {value!r}",
+        )
     try:
-        return cls(**{k: _coerce(known[k], v, where) for k, v in table.items()})
+        return cls(**values)
     except TypeError as exc:  # pragma: no cover - dataclass signature errors
         raise SaelabError(f"bad [{where}] table: {exc}") from exc
 
@@ -420,12 +462,21 @@ def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
     sae_tables = raw.get("sae", [{}])
     if isinstance(sae_tables, dict):
         sae_tables = [sae_tables]
+    require(
+        isinstance(sae_tables, list),
+        f"sae must be a [sae] table or [[sae]] tables, got {sae_tables!r}",
+    )
+    seed = raw.get("seed", 0)
+    if isinstance(seed, str):  # --seed and --set seed=... arrive as text
+        require(seed.strip().lstrip("-").isdigit(), f"seed must be an integer, got {seed!r}")
+        seed = int(seed)
+    require(value_fits(seed, int), f"seed must be an integer, got {seed!r}")
     return RunConfig(
         model=_build(ModelConfig, raw.get("model", {}), "model"),
         data=_build(DataConfig, raw.get("data", {}), "data"),
         train=_build(TrainConfig, raw.get("train", {}), "train"),
         saes=tuple(_build(SAEConfig, t, "sae") for t in sae_tables),
-        seed=int(raw.get("seed", 0)),
+        seed=seed,
     )
 
 
@@ -439,14 +490,26 @@ def load_run_config(
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        require(p.is_file(), f"config file {p} does not exist")
+        require(p.exists(), f"config file {p} does not exist")
+        require(p.is_file(), f"{p} is a folder, not a TOML run file; pass the run file")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise SaelabError(f"{p} is not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise SaelabError(
+                f"{p} is not UTF-8 text (byte {exc.start}); pass a TOML run file"
+            ) from exc
+        # An empty file is a mistake (an unsaved editor buffer, a wrong path), not a request for
+        # an all-defaults run that takes hours.
+        require(
+            bool(raw),
+            f"{p} is empty: write the run's [model], [data], [train] and [[sae]] tables in it "
+            "(see examples/sweep_l0.toml)",
+        )
     for key, value in (overrides or {}).items():
         if key == "seed":
-            raw["seed"] = int(value)
+            raw["seed"] = value
             continue
         section, _, name = key.partition(".")
         require(

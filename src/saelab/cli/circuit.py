@@ -16,6 +16,7 @@ from saelab.analysis.circuits.config import (
 )
 from saelab.cli.command import Command
 from saelab.cli.options import DEVICES, add_options, options_from
+from saelab.outputs import check_output_location
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ def _add_circuit(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_circuit(args: argparse.Namespace) -> int:
+    check_output_location(args.out)
     from saelab.analysis.circuits.run import (
         CIRCUIT_FILES,
         COMPARE_FILES,

@@ -9,6 +9,7 @@ import dataclasses
 from saelab.cli.command import Command
 from saelab.cli.options import DEVICES, add_options, options_from
 from saelab.evaluation.config import EvalConfig, TransferConfig
+from saelab.outputs import check_output_location
 
 _SAE_RUN = {"rename": {"model_name": "--model"}, "choices": {"device": DEVICES}}
 """How the fields shared by EvalConfig and TransferConfig become flags."""
@@ -67,6 +68,7 @@ def _add_transfer(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_transfer(args: argparse.Namespace) -> int:
+    check_output_location(args.out)
     from saelab.evaluation.transfer import PLOTTED_KEYS, format_transfer_table, transfer_saes
 
     cfg = options_from(args, TransferConfig)
@@ -88,6 +90,7 @@ def _add_report(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    check_output_location(args.out)
     from saelab.evaluation.report import write_report
 
     index = write_report(args.dirs, args.out)
@@ -110,6 +113,7 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    check_output_location(args.dst, what="DST", replaced=True)
     from saelab.saes.convert_config import ConvertConfig
     from saelab.saes.formats import convert_sae
 

@@ -10,6 +10,7 @@ from saelab.analysis.dashboard.config import DashboardConfig, ServeConfig
 from saelab.analysis.features.config import FeaturesConfig
 from saelab.cli.command import Command
 from saelab.cli.options import DEVICES, add_options, given_options, options_from
+from saelab.outputs import check_output_location
 
 _FEATURES = {"aliases": {"data": ("--dataset",)}, "choices": {"device": DEVICES}}
 """How the fields of FeaturesConfig become flags (``--data`` is also ``--dataset``)."""
@@ -58,6 +59,7 @@ def _add_dashboard(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_dashboard(args: argparse.Namespace) -> int:
+    check_output_location(args.out, replaced=True)
     from saelab.analysis.dashboard.site import build_dashboard
 
     cfg = options_from(args, DashboardConfig)

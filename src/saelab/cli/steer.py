@@ -17,6 +17,7 @@ from saelab.analysis.steering.config import (
 from saelab.cli.command import Command
 from saelab.cli.options import DEVICES, add_options, options_from
 from saelab.errors import SaelabError
+from saelab.outputs import check_output_location
 
 _SHARED = ("context", "seed")
 """Fields of both configs: one flag each (declared with SteerConfig) sets both."""
@@ -63,6 +64,7 @@ def _add_steer(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_steer(args: argparse.Namespace) -> int:
+    check_output_location(args.out)
     from saelab.analysis.steering.run import (
         format_generations,
         format_sweep_table,

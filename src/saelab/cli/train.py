@@ -22,6 +22,7 @@ from saelab.config import (
     TrainConfig,
 )
 from saelab.errors import SaelabError
+from saelab.outputs import check_output_location
 from saelab.saes import ARCHITECTURES
 
 TRAIN_FLAGS: dict[str, str] = {
@@ -110,6 +111,7 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    check_output_location(args.out)
     from saelab.config import load_run_config
     from saelab.training.distributed import is_main_process
     from saelab.training.run import train_run
@@ -135,6 +137,7 @@ def _add_sweep(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
+    check_output_location(args.out)
     from saelab.config import load_run_config
     from saelab.training.distributed import is_main_process
     from saelab.training.sweep import format_summary_table, sweep_run
@@ -170,6 +173,7 @@ def _add_cache(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
+    check_output_location(args.out)  # the space it needs is checked once the model is known
     from saelab.data.cache import cache_model_activations
     from saelab.data.cache_config import CacheConfig
     from saelab.training.distributed import is_main_process

@@ -155,7 +155,8 @@ def _read_txt(file: Path) -> Iterator[str]:
 
 
 def _read_jsonl(file: Path) -> Iterator[str]:
-    with file.open(encoding="utf-8") as f:
+    # As .txt files: bytes that are not UTF-8 become U+FFFD (a binary file then fails as JSON).
+    with file.open(encoding="utf-8", errors="replace") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -7,14 +7,21 @@ Example:
     >>> write_report(["runs/demo"], "report")                     # report/index.html
 """
 
-from saelab.evaluation.evaluate import (
-    METRIC_KEYS,
-    evaluate_sae,
-    evaluate_sae_dirs,
-    evaluate_saes,
+from saelab.lazy import lazy_exports
+
+# Each of these loads the model stack or matplotlib: imported when first used, so the light
+# modules beside them (the options in `config`) stay cheap to import.
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        **dict.fromkeys(
+            ("METRIC_KEYS", "evaluate_sae", "evaluate_sae_dirs", "evaluate_saes"),
+            "saelab.evaluation.evaluate",
+        ),
+        "transfer_saes": "saelab.evaluation.transfer",
+        "write_report": "saelab.evaluation.report",
+    },
 )
-from saelab.evaluation.report import write_report
-from saelab.evaluation.transfer import transfer_saes
 
 __all__ = [
     "METRIC_KEYS",

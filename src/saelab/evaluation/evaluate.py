@@ -39,10 +39,12 @@ from saelab.evaluation.splice import (
 )
 from saelab.models.hookpoints import hook_dim
 from saelab.models.loading import load_model
+from saelab.outputs import check_output_location
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.metrics import ReconstructionStats, frequency_metrics, max_decoder_cos
 from saelab.saes.storage import find_sae_dirs, load_sae, read_sae_cfg
 from saelab.saes.transcoder import Transcoder
+from saelab.signals import held_back
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +327,13 @@ def evaluate_sae_dirs(
     :data:`EXTRA_KEYS`) under ``metrics``.
     """
     dirs = find_sae_dirs(specs)
+    path = Path(summary_path) if summary_path else _common_parent(dirs) / SUMMARY_FILENAME
+    path = path / SUMMARY_FILENAME if path.is_dir() else path
+    # Every place written to is checked before the first forward pass.
+    for sae_dir in dirs:
+        check_output_location(sae_dir, what="SAE folder")
+    if write_summary:
+        check_output_location(path, kind="file", what="--summary")
     groups: dict[tuple[str, str, int], list[tuple[Path, SparseAutoencoder, float | None]]] = {}
     for sae_dir in dirs:
         sae = load_sae(sae_dir, device=device)
@@ -355,14 +364,12 @@ def evaluate_sae_dirs(
         )
         for (sae_dir, _, _), (metrics, info) in zip(members, outputs, strict=True):
             info["model"] = name
-            write_json(sae_dir / "metrics.json", metrics)
-            write_json(sae_dir / "eval_info.json", info)
+            with held_back():  # the pair is written together: a signal waits for both
+                write_json(sae_dir / "metrics.json", metrics)
+                write_json(sae_dir / "eval_info.json", info)
             entries[sae_dir] = _summary_entry(sae_dir, metrics, info)
     summary: dict[str, Any] = {"saes": [entries[d] for d in dirs]}
     if write_summary:
-        path = Path(summary_path) if summary_path else _common_parent(dirs) / SUMMARY_FILENAME
-        if path.is_dir():
-            path = path / SUMMARY_FILENAME
         write_json(path, summary)
         summary["path"] = str(path)
     return summary

@@ -12,19 +12,20 @@ import dataclasses
 import glob
 import json
 import os
-from collections.abc import Iterable
+import typing
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from saelab import __version__
 from saelab.atomic import write_json, write_safetensors
-from saelab.config import SAEConfig
+from saelab.config import SAEConfig, type_name, value_fits
 from saelab.errors import SaelabError
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.registry import architecture_class, from_saelens_architecture
+from saelab.safetensors_check import FLOAT_DTYPES, check_finite, read_tensors
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -99,23 +100,92 @@ def read_sae_cfg(directory: str | Path) -> dict[str, Any]:
             f"holds {CFG_FILENAME} and {WEIGHTS_FILENAME}"
         )
     try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SaelabError(f"{cfg_path} is not valid JSON ({exc}); re-save the SAE") from exc
+    if not isinstance(cfg, dict):
+        raise SaelabError(
+            f"{cfg_path} holds a JSON {type(cfg).__name__}, not an object; re-save the SAE"
+        )
+    return cfg
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a damaged file gives a one-line error."""
+RESAVE = "re-save or re-download the SAE"
+"""The end of every message about a damaged weights file."""
+
+
+def read_weights(
+    path: Path, *, dtypes: Collection[str] = FLOAT_DTYPES, fix: str = RESAVE
+) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, its header checked first
+    (:mod:`saelab.safetensors_check`): a damaged or hostile file, or a dtype outside ``dtypes``,
+    gives a one-line error ending in ``fix``."""
     if not path.is_file():
         raise SaelabError(f"{path} is missing; the SAE folder is incomplete")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except Exception as exc:  # safetensors raises its own error types, or OSError
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SaelabError(
-            f"{path} is corrupt or truncated ({reason}); re-save or re-download the SAE"
-        ) from exc
+    return read_tensors(path, fix=fix, dtypes=dtypes)
+
+
+_CFG_TYPES: dict[str, type] = {
+    "architecture": str,
+    "hook_name": str,
+    "hook_point": str,
+    "hook_name_out": str,
+    "activation_fn_str": str,
+    "activation_fn_kwargs": dict,
+    "normalize_activations": str,
+    "apply_b_dec_to_input": bool,
+    "rescale_acts_by_decoder_norm": bool,
+    "metadata": dict,
+    "saelab": dict,
+}
+"""cfg.json fields saelab reads, and their JSON types (each may also be null)."""
+
+
+def _check_cfg_types(cfg: dict[str, Any], cfg_path: Path) -> None:
+    """One-line errors naming the first cfg.json field saelab reads whose value has the wrong
+    type, before any of them is used."""
+
+    def wrong(field: str, value: Any, want: str) -> SaelabError:
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return SaelabError(
+            f"{cfg_path} has {field} = {shown}, not {want}; correct it or re-save the SAE"
+        )
+
+    for key in ("d_in", "d_sae"):
+        if not _positive_int(cfg.get(key)):
+            raise wrong(key, cfg.get(key), "a positive integer")
+    for key in ("d_out", "k"):
+        if cfg.get(key) is not None and not _positive_int(cfg[key]):
+            raise wrong(key, cfg[key], "a positive integer")
+    for key, kind in _CFG_TYPES.items():
+        if cfg.get(key) is not None and not isinstance(cfg[key], kind):
+            raise wrong(key, cfg[key], f"a JSON {_JSON_NAMES[kind]}")
+    for key in ("hook_name", "hook_name_out"):
+        value = (cfg.get("metadata") or {}).get(key)
+        if value is not None and not isinstance(value, str):
+            raise wrong(f"metadata.{key}", value, "a JSON string")
+    k = (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if k is not None and not _positive_int(k):
+        raise wrong("activation_fn_kwargs.k", k, "a positive integer")
+    own = cfg.get("saelab")
+    if own is None:
+        return
+    if not isinstance(own.get("architecture"), str):
+        raise wrong("saelab.architecture", own.get("architecture"), "an architecture name")
+    if not isinstance(own.get("sae"), dict):
+        raise wrong("saelab.sae", own.get("sae"), "a JSON object of SAE settings")
+    hints = typing.get_type_hints(SAEConfig)
+    for key, value in own["sae"].items():
+        if key in hints and not value_fits(value, hints[key]):
+            raise wrong(f"saelab.sae.{key}", value, f"of type {type_name(hints[key])}")
+
+
+_JSON_NAMES = {str: "string", dict: "object", bool: "boolean (true or false)"}
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _sae_config_from_saelens(cfg: dict[str, Any]) -> tuple[str, SAEConfig, bool]:
@@ -152,21 +222,22 @@ def load_sae(
     """
     directory = Path(directory)
     cfg = read_sae_cfg(directory)
-    for key in ("d_in", "d_sae"):
-        if not isinstance(cfg.get(key), int):
-            raise SaelabError(f"{directory / CFG_FILENAME} has no integer {key!r}; re-save the SAE")
-    if "saelab" in cfg:
-        own = cfg["saelab"]
-        arch = own["architecture"]
-        known = {f.name for f in dataclasses.fields(SAEConfig)}
-        sae_cfg = SAEConfig(**{k: v for k, v in own["sae"].items() if k in known})
-        apply_b_dec = bool(cfg["apply_b_dec_to_input"])
-    else:
-        arch, sae_cfg, apply_b_dec = _sae_config_from_saelens(cfg)
+    cfg_path = directory / CFG_FILENAME
+    _check_cfg_types(cfg, cfg_path)
+    try:
+        if "saelab" in cfg:
+            own = cfg["saelab"]
+            arch = architecture_class(own["architecture"]).architecture
+            known = {f.name for f in dataclasses.fields(SAEConfig)}
+            sae_cfg = SAEConfig(**{k: v for k, v in own["sae"].items() if k in known})
+            default = architecture_class(arch).default_apply_b_dec_to_input
+            apply_b_dec = bool(cfg.get("apply_b_dec_to_input", default))
+        else:
+            arch, sae_cfg, apply_b_dec = _sae_config_from_saelens(cfg)
+    except SaelabError as exc:  # a value SAEConfig refuses (k = -3): say which file holds it
+        raise SaelabError(f"{cfg_path}: {exc}") from exc
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     d_out = cfg.get("d_out")  # transcoders only
-    if d_out is not None and not isinstance(d_out, int):
-        raise SaelabError(f"{directory / CFG_FILENAME} has a non-integer 'd_out'; re-save the SAE")
     if expected_d_in is not None and expected_d_in != d_in:
         raise SaelabError(
             f"SAE {directory} expects d_in={d_in} (cfg.json) but the activations have width "
@@ -186,6 +257,7 @@ def load_sae(
                 f"{'' if d_out is None else f', d_out={d_out}'}) implies {shape}"
             )
     tensors = {k: tensors[k].float() for k in expected}
+    check_finite(tensors, directory / WEIGHTS_FILENAME, fix=RESAVE)
     if cfg.get("rescale_acts_by_decoder_norm"):
         tensors = _fold_decoder_norms(tensors)
     widths = {} if d_out is None else {"d_out": d_out}
@@ -209,7 +281,12 @@ def _fold_decoder_norms(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def load_log10_density(directory: str | Path) -> torch.Tensor | None:
     path = Path(directory) / SPARSITY_FILENAME
-    return read_weights(path)["sparsity"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    tensors = read_weights(path)
+    if "sparsity" not in tensors:
+        raise SaelabError(f"{path} has no 'sparsity' tensor; {RESAVE}")
+    return tensors["sparsity"]
 
 
 _GLOB_CHARS = ("*", "?", "[")

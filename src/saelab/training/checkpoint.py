@@ -15,6 +15,7 @@ it once all have written, and moves ``latest.json``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,10 +24,12 @@ import torch
 
 from saelab.atomic import publish_folder, write_json, write_safetensors
 from saelab.errors import SaelabError
-from saelab.saes.storage import read_weights
+from saelab.safetensors_check import read_tensors
 
 if TYPE_CHECKING:
     from saelab.training.distributed import Distributed
+
+log = logging.getLogger(__name__)
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
@@ -83,7 +86,13 @@ def load_state(directory: Path, name: str) -> Any:
     if not json_path.is_file():
         raise SaelabError(f"checkpoint {directory} lacks {name}.json; it is incomplete")
     skeleton = json.loads(json_path.read_text())
-    return unflatten_state(read_weights(directory / f"{name}.safetensors"), skeleton)
+    tensors_path = directory / f"{name}.safetensors"
+    if not tensors_path.is_file():
+        raise SaelabError(f"checkpoint {directory} lacks {tensors_path.name}; it is incomplete")
+    # Any dtype: a state holds counters (int64), RNG states (uint8) and bfloat16 weights, not
+    # only the float weights an SAE file may hold.
+    fix = "the checkpoint is damaged; start the run again in a new --out folder"
+    return unflatten_state(read_tensors(tensors_path, fix=fix, dtypes=None), skeleton)
 
 
 def write_checkpoint(
@@ -105,7 +114,13 @@ def write_checkpoint(
     partial = root / f".step_{step:08d}.partial"
     main = dist is None or dist.is_main
     if main:
-        shutil.rmtree(partial, ignore_errors=True)
+        # What a killed writer left half-written: this step's, or that of a step the resumed run
+        # does not write again (one an interrupted run was saving at its own step).
+        stale = sorted(root.glob(".step_*.partial"))
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
+        if stale:
+            log.warning("removed %d half-written checkpoint(s) in %s", len(stale), root)
         partial.mkdir(parents=True)
     if dist is not None:
         dist.barrier()

@@ -31,10 +31,11 @@ from saelab.data.text import TokenBatches
 from saelab.errors import SaelabError
 from saelab.models.hookpoints import hook_dim
 from saelab.models.loading import load_model
+from saelab.outputs import check_output_location
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.registry import architecture_class, check_run_saes, sae_folder_name
 from saelab.training.distributed import BroadcastStream, Distributed, distributed_session
-from saelab.training.trainer import Trainer
+from saelab.training.trainer import Trainer, interruptions_reported
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,17 @@ def run_config_for(cfg: RunConfig, out_dir: str | Path, resume: bool) -> RunConf
     return cfg
 
 
+CHECKPOINTS_HELD = 3
+"""Checkpoints on disk at once: the kept ones (2) and the one being written."""
+
+
+def run_output_bytes(saes: list[SparseAutoencoder], train: Any) -> int:
+    """Roughly what a run writes: each SAE's weights, and with checkpoints every
+    :data:`CHECKPOINTS_HELD` of them holding the weights and two Adam moments each."""
+    weights = sum(p.numel() * p.element_size() for sae in saes for p in sae.parameters())
+    return weights * (1 + (3 * CHECKPOINTS_HELD if train.checkpoint_every_tokens else 0))
+
+
 def fit_run(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -235,21 +247,26 @@ def fit_run(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SaelabError("--device cuda was asked for but no CUDA device is available")
     torch.manual_seed(cfg.seed)
-    if cfg.data.activations is not None:
-        stream, d_in_by_hook, metadata = _cache_source(
-            cfg, cfg.data.activations, extra_tokens, dist, device
+    # The trainer says where it stopped itself; before it, "nothing to resume" or how far the
+    # last checkpoint is (a resumed run interrupted while loading still has it).
+    with interruptions_reported(out_dir, "interrupted before training started"):
+        if cfg.data.activations is not None:
+            stream, d_in_by_hook, metadata = _cache_source(
+                cfg, cfg.data.activations, extra_tokens, dist, device
+            )
+        else:
+            stream, d_in_by_hook, metadata = _model_source(cfg, dist, device)
+        owned = dist.owned(len(cfg.saes))
+        saes = build_saes(cfg, d_in_by_hook, owned, device)
+        if dist.is_main:  # before the first step; the space is what the run will write
+            check_output_location(out_dir, need_bytes=run_output_bytes(saes, cfg.train))
+        trainer = Trainer(
+            saes, cfg.train, out_dir, progress=progress, metadata=metadata, dist=dist, sae_ids=owned
         )
-    else:
-        stream, d_in_by_hook, metadata = _model_source(cfg, dist, device)
-    owned = dist.owned(len(cfg.saes))
-    saes = build_saes(cfg, d_in_by_hook, owned, device)
-    trainer = Trainer(
-        saes, cfg.train, out_dir, progress=progress, metadata=metadata, dist=dist, sae_ids=owned
-    )
-    if dist.is_main:
-        write_text(out_dir / CONFIG_FILENAME, dump_run_config(cfg))
-    if resume and not trainer.resume(stream):
-        log.warning("no checkpoint in %s; starting from the beginning", out_dir)
+        if dist.is_main:
+            write_text(out_dir / CONFIG_FILENAME, dump_run_config(cfg))
+        if resume and not trainer.resume(stream):
+            log.warning("no checkpoint in %s; starting from the beginning", out_dir)
     results = trainer.fit(stream)
     resolved_saes = dist.gather_in_order(
         [

@@ -40,6 +40,7 @@ from saelab.saes.metrics import ReconstructionStats
 from saelab.saes.registry import sae_folder_name
 from saelab.training.distributed import Distributed, distributed_session
 from saelab.training.run import fit_run, run_config_for
+from saelab.training.trainer import interruptions_reported
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,12 @@ def _sweep(
     eval_rows = math.ceil(eval_tokens / cfg.train.batch_size) * cfg.train.batch_size
     run = fit_run(cfg, out_dir, resume=resume, progress=progress, extra_tokens=eval_rows, dist=dist)
     trained = time.perf_counter()
-    metrics = held_out_metrics(
-        run.saes, run.stream, eval_tokens, progress=progress and dist.is_main, dist=dist
-    )
+    # Resuming re-trains from the last checkpoint (the SAEs' weights alone do not hold the
+    # stream position the held-out tokens start at).
+    with interruptions_reported(out_dir, "interrupted while measuring the SAEs on held-out data"):
+        metrics = held_out_metrics(
+            run.saes, run.stream, eval_tokens, progress=progress and dist.is_main, dist=dist
+        )
     done = time.perf_counter()
     rows = []
     for i, sae, values in zip(run.sae_ids or range(len(run.saes)), run.saes, metrics, strict=True):

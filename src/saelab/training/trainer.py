@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from saelab.saes.base import SparseAutoencoder, TrainStepOutput
 from saelab.saes.metrics import ReconstructionStats
 from saelab.saes.registry import sae_folder_name
 from saelab.saes.storage import save_sae
+from saelab.signals import Interrupted, InterruptGuard, is_accounted_for, signal_of
 from saelab.training.checkpoint import latest_checkpoint, load_state, write_checkpoint
 from saelab.training.distributed import Distributed
 from saelab.training.loggers import RunLogger
@@ -101,6 +102,36 @@ def _target(sae: SparseAutoencoder, batch: dict[str, torch.Tensor]) -> torch.Ten
     return None if sae.cfg.output_hook is None else batch[sae.cfg.output_hook]
 
 
+def interruption(out_dir: Path | None, where: str, signum: int) -> Interrupted:
+    """An interruption that stopped ``where`` it was (a sentence), saying how far the last
+    checkpoint of ``out_dir`` is: resumable from it, or nothing to resume without one."""
+    path = None if out_dir is None else latest_checkpoint(out_dir)
+    if path is None:
+        return Interrupted(
+            f"{where}; no checkpoint was written, so there is nothing to resume", signum=signum
+        )
+    saved = load_state(path, "trainer")
+    step, tokens = int(saved["step"]), int(saved["tokens"])
+    return Interrupted(
+        f"{where}; the last checkpoint is at step {step:,} ({tokens:,} tokens)",
+        resumable=True,
+        signum=signum,
+    )
+
+
+@contextlib.contextmanager
+def interruptions_reported(out_dir: Path | None, where: str | Callable[[], str]) -> Iterator[None]:
+    """Within the block an interruption that nothing has accounted for becomes
+    :func:`interruption`; ``where`` says what was under way (or makes the sentence then)."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if is_accounted_for(exc):
+            raise
+        sentence = where if isinstance(where, str) else where()
+        raise interruption(out_dir, sentence, signal_of(exc)) from None
+
+
 class Trainer:
     def __init__(
         self,
@@ -129,6 +160,8 @@ class Trainer:
         writes_logs = self.out_dir is not None and self.dist.is_main
         self.logger = RunLogger(self.out_dir, tensorboard) if writes_logs else None
         self._next_checkpoint = cfg.checkpoint_every_tokens or None
+        self._saved_step = 0
+        """The step of the newest checkpoint in ``out_dir`` (0: none, or only the start)."""
 
     def _new_state(self, sae: SparseAutoencoder) -> SAEState:
         # Here rather than in the run, so any caller of the trainer (benchmarks, notebooks) has
@@ -155,7 +188,11 @@ class Trainer:
     # ----- the story ----------------------------------------------------------------------------
 
     def fit(self, stream: Iterable[dict[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
-        """Train every SAE for ``cfg.tokens`` tokens; returns final metrics per SAE folder."""
+        """Train every SAE for ``cfg.tokens`` tokens; returns final metrics per SAE folder.
+
+        Ctrl-C or SIGTERM stops it between two steps, with a checkpoint to ``--resume`` from
+        (:meth:`_stop_if_asked`); the result is :class:`~saelab.signals.Interrupted`.
+        """
         total = self.cfg.steps
         bar = tqdm(
             total=total,
@@ -167,26 +204,28 @@ class Trainer:
         )
         started = time.perf_counter()
         batches = iter(stream)
-        while self.step < total:
-            batch = next(batches, None)
-            if batch is None:
-                raise SaelabError(
-                    f"the activation stream ran out after {self.tokens:,} tokens of "
-                    f"{self.cfg.tokens:,}; use a larger dataset or fewer --tokens"
-                )
-            if self.step == 0:
-                self._init_from_first_batch(batch, stream)
-            for state in self.states:
-                self._train_step(state, batch[state.sae.cfg.hook], _target(state.sae, batch))
-            self.step += 1
-            self.tokens += self._batch_tokens(batch) * self.dist.data_world
-            self._resample_if_due()
-            if self.step % self.cfg.log_every_steps == 0 or self.step == total:
-                bar.set_postfix(self._log_window(time.perf_counter() - started), refresh=False)
-            bar.update(1)
-            self._checkpoint_if_due(stream)
-        bar.close()
-        return self._finish(stream)
+        with bar, self._interruptions() as guard:
+            while self.step < total:
+                batch = next(batches, None)
+                if batch is None:
+                    raise SaelabError(
+                        f"the activation stream ran out after {self.tokens:,} tokens of "
+                        f"{self.cfg.tokens:,}; use a larger dataset or fewer --tokens"
+                    )
+                if self.step == 0:
+                    self._init_from_first_batch(batch, stream)
+                for state in self.states:
+                    self._train_step(state, batch[state.sae.cfg.hook], _target(state.sae, batch))
+                self.step += 1
+                self.tokens += self._batch_tokens(batch) * self.dist.data_world
+                self._resample_if_due()
+                if self.step % self.cfg.log_every_steps == 0 or self.step == total:
+                    bar.set_postfix(self._log_window(time.perf_counter() - started), refresh=False)
+                bar.update(1)
+                self._checkpoint_if_due(stream, guard)
+                self._stop_if_asked(stream, guard)
+        with interruptions_reported(self.out_dir, "interrupted while saving the trained SAEs"):
+            return self._finish(stream)
 
     # ----- named side concerns ------------------------------------------------------------------
 
@@ -369,13 +408,57 @@ class Trainer:
 
     # ----- checkpoints ---------------------------------------------------------------------------
 
-    def _checkpoint_if_due(self, stream: Any) -> None:
+    def _checkpoint_if_due(self, stream: Any, guard: InterruptGuard) -> None:
         if self._next_checkpoint is None or self.out_dir is None:
             return
         if self.tokens >= self._next_checkpoint and self.step < self.cfg.steps:
-            self.save_checkpoint(stream)
+            with guard.shield():  # a signal meanwhile waits for the checkpoint to be complete
+                self.save_checkpoint(stream)
             while self._next_checkpoint <= self.tokens:
                 self._next_checkpoint += self.cfg.checkpoint_every_tokens
+
+    # ----- interruptions -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _interruptions(self) -> Iterator[InterruptGuard]:
+        """The guard the loop runs under. A first signal waits for the end of the step once
+        there is a step since the last checkpoint to save (never under torchrun, where the
+        processes would have to agree on the step); one that cannot wait (a second signal, or
+        one with nothing new to save) stops at once, and the interruption says how far the last
+        checkpoint is."""
+
+        def where() -> str:
+            return f"interrupted at step {self.step:,} ({self.tokens:,} tokens)"
+
+        with interruptions_reported(self.out_dir, where), InterruptGuard() as guard:
+            guard.armed = self._can_stop_with_checkpoint()
+            yield guard
+
+    def _can_stop_with_checkpoint(self) -> bool:
+        return self.out_dir is not None and not self.dist.active and self.step > self._saved_step
+
+    def _stop_if_asked(self, stream: Any, guard: InterruptGuard) -> None:
+        """After a step, act on a signal received during it: write a checkpoint of this step
+        (unless the periodic one just did) and raise :class:`Interrupted`.
+
+        "Cheap" here means at most one step away: the checkpoint is the one ``--checkpoint-every``
+        writes (SAE weights, Adam moments, the stream's buffer and position, RNG), taken at a
+        step boundary so the stream position matches the step and ``--resume`` is exact. A
+        second signal while it is written waits for it to be complete.
+        """
+        if guard.signum is None:
+            guard.armed = self._can_stop_with_checkpoint()
+            return
+        wrote = self.step > self._saved_step
+        if wrote:
+            with guard.shield():
+                self.save_checkpoint(stream)
+        what = "a checkpoint was written" if wrote else "its checkpoint was already written"
+        raise Interrupted(
+            f"interrupted at step {self.step:,} ({self.tokens:,} tokens); {what}",
+            resumable=True,
+            signum=guard.signum,
+        )
 
     def save_checkpoint(self, stream: Any) -> Path:
         """Write a checkpoint of this process's part: rank 0 (or a lone process) the trainer,
@@ -405,6 +488,7 @@ class Trainer:
                 "resamplers": [
                     None if s.resampler is None else s.resampler.state_dict() for s in self.states
                 ],
+                "windows": [dict(vars(s.window)) for s in self.states],
             }
         holds_saes = dist.is_main or dist.sae_parallel
         for i, state in zip(self.sae_ids, self.states, strict=True) if holds_saes else ():
@@ -416,8 +500,10 @@ class Trainer:
                 "fired_total": state.fired_total_F,
                 "tokens_since_fired": state.tokens_since_fired_F,
                 "resampler": None if state.resampler is None else state.resampler.state_dict(),
+                "window": dict(vars(state.window)),
             }
         path = write_checkpoint(self.out_dir, self.step, states, dist=dist)
+        self._saved_step = self.step
         log.info("checkpoint written to %s", path)
         return path
 
@@ -450,11 +536,20 @@ class Trainer:
             resampler_state = saved.get("resampler") if own is None else own["resamplers"][j]
             if state.resampler is not None and resampler_state is not None:
                 state.resampler.load_state_dict(resampler_state, state.sae.W_enc.device)
+            # The log window's sums so far: the first record after a resume covers the same
+            # steps as an uninterrupted run's (checkpoints of older versions have none).
+            if own is None:
+                window = saved.get("window")
+            else:
+                window = own["windows"][j] if "windows" in own else None
+            if window is not None:
+                vars(state.window).update(window)
         if hasattr(stream, "load_state_dict"):
             mine = None if own is None else own["stream"]
             stream.load_state_dict(mine if mine is not None else load_state(path, "stream"))
         self.step = int(trainer_state["step"])
         self.tokens = int(trainer_state["tokens"])
+        self._saved_step = self.step
         torch.set_rng_state(trainer_state["rng"] if own is None else own["rng"])
         if trainer_state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])

@@ -310,13 +310,18 @@ def jsonl_task(path: str | Path, n_prompts: int | None = None) -> Task:
     if not path.is_file():
         raise SaelabError(f"no task file at {path}; pass 'ioi' or a .jsonl file")
     records: list[tuple[str, dict[str, str]]] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if n_prompts is not None and len(records) == n_prompts:
-                break
-            records.append((f"{path}:{number}", _parse_line(line, f"{path}:{number}")))
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                if n_prompts is not None and len(records) == n_prompts:
+                    break
+                records.append((f"{path}:{number}", _parse_line(line, f"{path}:{number}")))
+    except UnicodeDecodeError as e:
+        raise SaelabError(
+            f"{path} is not UTF-8 text (byte {e.start}); pass a .jsonl file"
+        ) from None
     if not records:
         raise SaelabError(f"{path} holds no task lines; write one JSON object per line")
     with_corrupted = [where for where, r in records if CORRUPTED_FIELD in r]

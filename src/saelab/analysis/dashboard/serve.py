@@ -1,7 +1,8 @@
 """``saelab serve``: the dashboard folder over HTTP on this machine, with the standard library.
 
-Files are served as they are (``http.server``); nothing is generated on request. The default
-host is the loopback address, so the site is not exposed to the network unless asked.
+Files are served as they are (``http.server``); nothing is generated on request, and nothing
+outside the folder is served (symlinks that lead out of it included). The default host is the
+loopback address, so the site is not exposed to the network unless asked.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,7 +21,28 @@ log = logging.getLogger(__name__)
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
-    """Requests go to the debug log instead of stderr lines for every page."""
+    """The files of one folder and nothing else; requests go to the debug log instead of stderr
+    lines for every page.
+
+    ``http.server`` already drops ``..`` (also percent-encoded) and maps absolute paths into the
+    folder, but it follows symlinks: a link inside the folder to a file outside would serve that
+    file. Here every path is resolved, links included, and one that ends up outside the folder
+    is answered 404, as if it were not there.
+    """
+
+    def send_head(self):  # type: ignore[no-untyped-def]  # do_GET and do_HEAD both come here
+        if not self._inside_folder(self.translate_path(self.path)):
+            self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+            return None
+        return super().send_head()
+
+    def _inside_folder(self, local: str) -> bool:
+        root = Path(self.directory).resolve()
+        try:
+            target = Path(local).resolve()
+        except (OSError, RuntimeError):  # a link loop, a name the OS refuses
+            return False
+        return target == root or target.is_relative_to(root)
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("%s " + format, self.address_string(), *args)

@@ -23,7 +23,6 @@ Example:
     >>> FeatureStats.load("runs/demo/blocks.6.hook_resid_post-topk-x16-k32/features")
 """
 
-from saelab.analysis.features.collect import compute_feature_stats, write_feature_stats
 from saelab.analysis.features.logit_effects import final_norm, logit_effects_of, norm_gain
 from saelab.analysis.features.stats import (
     DEFAULT_STATS_DIRNAME,
@@ -34,6 +33,16 @@ from saelab.analysis.features.stats import (
     STATS_FILENAME,
     Example,
     FeatureStats,
+)
+from saelab.lazy import lazy_exports
+
+# The pass over a corpus loads the model stack: imported when first used, so reading saved
+# statistics (the dashboard, `saelab serve`) does not pay for it.
+__getattr__ = lazy_exports(
+    __name__,
+    dict.fromkeys(
+        ("compute_feature_stats", "write_feature_stats"), "saelab.analysis.features.collect"
+    ),
 )
 
 __all__ = [

@@ -38,8 +38,9 @@ from saelab.errors import SaelabError
 from saelab.models.hookpoints import hook_dim
 from saelab.models.intervene import run_to_hooks
 from saelab.models.loading import load_model
+from saelab.outputs import check_output_location
 from saelab.saes.base import SparseAutoencoder
-from saelab.saes.storage import load_sae
+from saelab.saes.storage import load_sae, read_sae_cfg
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,8 @@ def write_feature_stats(
     """Compute the statistics of the saved SAE at ``sae_dir`` (keywords as for
     :func:`compute_feature_stats`; ``model`` may be a name) and save them to ``out``
     (default ``SAE_DIR/features``). Returns them and the folder."""
-    stats = compute_feature_stats(sae_dir, **kwargs)
+    read_sae_cfg(sae_dir)  # the input first: "not an SAE" says more than a bad default --out
     target = Path(out) if out is not None else Path(sae_dir) / DEFAULT_STATS_DIRNAME
+    check_output_location(target)  # before the long part
+    stats = compute_feature_stats(sae_dir, **kwargs)
     return stats, stats.save(target)

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
 from torch import Tensor
 
 from saelab.atomic import write_json, write_safetensors
 from saelab.errors import SaelabError
+from saelab.safetensors_check import NUMBER_DTYPES, read_tensors
+from saelab.signals import held_back
 
 STATS_FILENAME = "feature_stats.safetensors"
 META_FILENAME = "feature_stats.json"
@@ -236,8 +237,9 @@ class FeatureStats:
         the JSON is complete), each atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_safetensors(directory / STATS_FILENAME, self.tensors)
-        write_json(directory / META_FILENAME, self.meta)
+        with held_back():  # a signal waits for both: no new tensors under old metadata
+            write_safetensors(directory / STATS_FILENAME, self.tensors)
+            write_json(directory / META_FILENAME, self.meta)
         return directory
 
     @classmethod
@@ -255,16 +257,13 @@ class FeatureStats:
                 raise ValueError("not a feature statistics file")
         except (ValueError, UnicodeDecodeError) as exc:
             raise SaelabError(f"{meta_path} is corrupt ({_first_line(exc)}); {redo}") from exc
-        try:
-            with safe_open(str(stats_path), framework="pt", device="cpu") as handle:
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        except Exception as exc:  # safetensors raises its own error types, or OSError
-            raise SaelabError(f"{stats_path} is corrupt ({_first_line(exc)}); {redo}") from exc
+        # The header is checked before any tensor is read: a hostile one is a one-line error.
+        tensors = read_tensors(stats_path, fix=redo, dtypes=NUMBER_DTYPES)
         missing = [name for name in _TENSOR_NAMES if name not in tensors]
         if missing:
             raise SaelabError(f"{stats_path} lacks tensors {missing}; {redo}")
-        n = len(tensors["feature_ids"])
-        wrong = [k for k in _TENSOR_NAMES if k != "tokens" and tensors[k].shape[0] != n]
+        n = len(tensors["feature_ids"]) if tensors["feature_ids"].ndim else -1
+        wrong = [k for k in _TENSOR_NAMES if k != "tokens" and tensors[k].shape[:1] != (n,)]
         if wrong:
             raise SaelabError(f"{stats_path} has tensors {wrong} not of {n} features; {redo}")
         return cls(tensors, meta)

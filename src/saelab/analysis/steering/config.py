@@ -162,8 +162,12 @@ class SteerConfig:
 
     def __post_init__(self) -> None:
         require(
-            (self.build is None) != (self.vector is None),
+            self.build is None or self.vector is None,
             "give either --method (to build a vector) or --vector DIR (to load one), not both",
+        )
+        require(
+            self.build is not None or self.vector is not None,
+            "say which vector to steer with: either --method (to build one) or --vector DIR",
         )
         require(len(self.coefs) >= 1, "--coefs needs at least one coefficient, e.g. -4,0,4")
         require(

@@ -53,10 +53,15 @@ def read_pairs(path: str | Path) -> list[ContrastPair]:
     if not path.is_file():
         raise SaelabError(f"no such file: {path}; pass a .jsonl file of prompt pairs")
     pairs = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                pairs.append(_pair_of(_json_line(line, path, number), path, number))
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    pairs.append(_pair_of(_json_line(line, path, number), path, number))
+    except UnicodeDecodeError as e:
+        raise SaelabError(
+            f"{path} is not UTF-8 text (byte {e.start}); pass a .jsonl file"
+        ) from None
     if not pairs:
         raise SaelabError(f"{path} holds no pairs; write one JSON object per line")
     return pairs

@@ -29,6 +29,7 @@ from saelab.errors import SaelabError
 from saelab.models.hookpoints import hook_dim
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.storage import load_sae, read_weights
+from saelab.safetensors_check import check_finite
 
 VECTOR_FILENAME = "vector.safetensors"
 META_FILENAME = "vector.json"
@@ -126,10 +127,14 @@ def load_vector(directory: str | Path, device: str = "cpu") -> SteeringVector:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise SaelabError(f"{meta_path} is not valid JSON ({e.msg}); save the vector again") from e
+    if not isinstance(meta, dict):
+        raise SaelabError(f"{meta_path} is not a saelab steering vector file; save it again")
     missing = [k for k in ("format", "hook", "method", "model", "shape") if k not in meta]
     if meta.get("format") != FORMAT or missing:
         raise SaelabError(f"{meta_path} is not a saelab steering vector file; save it again")
-    tensors = read_weights(directory / VECTOR_FILENAME)
+    again = "save the vector again with saelab steer"
+    tensors = read_weights(directory / VECTOR_FILENAME, fix=again)
+    check_finite(tensors, directory / VECTOR_FILENAME, fix=again)
     if "vector" not in tensors or list(tensors["vector"].shape) != meta["shape"]:
         got = list(tensors["vector"].shape) if "vector" in tensors else "no 'vector' tensor"
         raise SaelabError(
@@ -139,6 +144,10 @@ def load_vector(directory: str | Path, device: str = "cpu") -> SteeringVector:
     source = dict(meta.get("source") or {})
     sae = None
     if meta["method"] == "sae-clamp":
+        if not isinstance(source.get("sae"), str):
+            raise SaelabError(
+                f"{meta_path} names no SAE folder for its sae-clamp vector; save it again"
+            )
         sae = load_sae(source["sae"], device=device, expected_d_in=int(meta["shape"][-1]))
     return SteeringVector(
         tensors["vector"].to(device), meta["hook"], meta["method"], meta["model"], source, sae

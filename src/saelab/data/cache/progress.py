@@ -8,20 +8,26 @@ arguments are the same and every recorded file is intact, then goes on from ther
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
 from torch import Tensor
 
 from saelab.data.cache.arguments import CacheArguments
 from saelab.data.cache.index import FORMAT_VERSION, INDEX_FILENAME, CacheShard, file_sha256
 from saelab.errors import SaelabError
+from saelab.safetensors_check import read_tensors
+from saelab.signals import Interrupted, is_accounted_for, signal_of
 
 log = logging.getLogger(__name__)
+
+RECREATE_PENDING = "delete the folder and cache again, or choose another --out"
+"""What to do about a damaged pending-rows file: it cannot be repaired, only written again."""
 
 PROGRESS_FILENAME = "progress.json"
 PROGRESS_FORMAT = "saelab-activation-cache-progress"
@@ -91,6 +97,16 @@ def check_folder(out_dir: Path, arguments: CacheArguments, resume: bool) -> Cach
     if out_dir.exists() and not out_dir.is_dir():
         raise SaelabError(f"--out {out_dir} is a file; pass a folder for the cache")
     if (out_dir / INDEX_FILENAME).exists():
+        # A writer killed between writing index.json and dropping its progress record leaves
+        # that record beside a complete cache: nothing reads it, so it goes.
+        if leftover := progress_files(out_dir):
+            for path in leftover:
+                path.unlink()
+            log.warning(
+                "removed the progress record of an interrupted saelab cache run in %s "
+                "(the cache itself is complete)",
+                out_dir,
+            )
         if resume:
             raise SaelabError(
                 f"{out_dir} already holds a complete activation cache; nothing to resume "
@@ -172,7 +188,7 @@ def load_pending(
     if progress.pending is None:
         return {h: [] for h in d_in}
     path = out_dir / progress.pending.file
-    rows = load_file(path)
+    rows = read_tensors(path, fix=RECREATE_PENDING)
     for h, d in d_in.items():
         if h not in rows or rows[h].shape[1:] != (d,):
             raise SaelabError(
@@ -180,3 +196,31 @@ def load_pending(
                 "used?); delete the folder and cache again, or choose another --out"
             )
     return {h: [rows[h]] for h in d_in}
+
+
+@contextlib.contextmanager
+def interruptions_reported(out_dir: Path, tokens: int) -> Iterator[None]:
+    """Within the block an interruption becomes :class:`Interrupted` saying what the progress
+    record on disk keeps (the shards written are safe, ``--resume`` goes on after them), or
+    that there is nothing to resume before the first shard."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if is_accounted_for(exc):
+            raise
+        path = out_dir / PROGRESS_FILENAME
+        if not path.is_file():
+            raise Interrupted(
+                f"interrupted before the first shard of {out_dir} was written; there is "
+                "nothing to resume",
+                signum=signal_of(exc),
+            ) from None
+        progress = CacheProgress.read(path)
+        rows = sum(s.count for s in progress.shards)
+        rows += progress.pending.count if progress.pending else 0
+        raise Interrupted(
+            f"interrupted with {len(progress.shards)} shard(s) and {rows:,} of {tokens:,} "
+            f"tokens safe in {out_dir}",
+            resumable=True,
+            signum=signal_of(exc),
+        ) from None

@@ -34,6 +34,7 @@ from saelab.data.cache.index import (
 )
 from saelab.data.shuffle import ShuffleBuffer
 from saelab.errors import SaelabError
+from saelab.safetensors_check import check_safetensors
 
 
 class ActivationCacheStream:
@@ -144,6 +145,9 @@ class ActivationCacheStream:
                 f"activation cache shard {path} has {size} bytes where {INDEX_FILENAME} records "
                 f"{shard.bytes} (truncated or replaced); {RECREATE}"
             )
+        # Parsed by saelab first: a hostile header (absurd shapes, overlapping offsets) is a
+        # one-line error before safetensors maps the file.
+        check_safetensors(path, fix=RECREATE)
         with self._open(path) as handle:
             names = set(handle.keys())
             if names != set(self.index.hooks):

@@ -41,6 +41,7 @@ from saelab.data.cache.progress import (
     CacheProgress,
     check_folder,
     clear_incomplete,
+    interruptions_reported,
     load_pending,
     progress_files,
     temp_files,
@@ -51,6 +52,8 @@ from saelab.data.text import TokenBatches
 from saelab.errors import SaelabError
 from saelab.models.hookpoints import hook_dim
 from saelab.models.loading import load_model
+from saelab.outputs import check_output_location
+from saelab.signals import InterruptGuard
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +138,39 @@ def write_activation_cache(
             path.unlink()
         log.info("resuming the cache in %s after %d shard(s)", out_dir, len(state.shards))
 
+    # A shard and its progress record are written together or not at all: a signal meanwhile
+    # waits for both, so what the interruption reports is what a resume finds.
+    with interruptions_reported(out_dir, tokens), InterruptGuard() as guard:
+        index = _write_shards(
+            model, tokenizer, hooks, out_dir, arguments, state, d_in, guard, progress
+        )
+    log.info(
+        "cached %d tokens of %s in %d shard(s) at %s",
+        index.count,
+        hooks,
+        len(index.shards),
+        out_dir,
+    )
+    return index
+
+
+def _write_shards(
+    model: Any,
+    tokenizer: Any,
+    hooks: list[str],
+    out_dir: Path,
+    arguments: CacheArguments,
+    state: CacheProgress,
+    d_in: dict[str, int],
+    guard: InterruptGuard,
+    progress: bool,
+) -> CacheIndex:
+    """The model pass of :func:`write_activation_cache` from ``state`` on: shards, then the
+    index."""
+    a = arguments
+    dataset, context, model_batch_size, seed = a.dataset, a.context, a.model_batch_size, a.seed
+    tokens, shard_tokens, dtype = a.tokens, a.shard_tokens, a.dtype
+    skip_positions, norm_estimate_tokens = a.skip_positions, a.norm_estimate_tokens
     batches = TokenBatches(
         dataset,
         tokenizer,
@@ -148,17 +184,22 @@ def write_activation_cache(
     pending = load_pending(out_dir, state, d_in)
     n_pending = state.pending.count if state.pending else 0
     written = sum(s.count for s in state.shards)
+    # The shards still to write, before the model's first forward pass.
+    need = (tokens - written) * sum(d_in.values()) * stored.itemsize
+    check_output_location(out_dir, need_bytes=need)
 
     def flush(n: int) -> None:
         nonlocal n_pending, written
         rows = {h: torch.cat(pending[h]) for h in hooks}
         path = out_dir / SHARD_PATTERN.format(len(state.shards))
-        state.shards.append(_write_shard(path, {h: r[:n] for h, r in rows.items()}))
+        with guard.shield():
+            state.shards.append(_write_shard(path, {h: r[:n] for h, r in rows.items()}))
+            rest = {h: rows[h][n:] for h in hooks}
+            _save_progress(out_dir, state, rest, batches.batches_yielded)
         for h in hooks:
             pending[h] = [rows[h][n:]]
         n_pending -= n
         written += n
-        _save_progress(out_dir, state, {h: rows[h][n:] for h in hooks}, batches.batches_yielded)
 
     bar = tqdm(
         total=tokens,
@@ -168,41 +209,41 @@ def write_activation_cache(
         unit_scale=True,
         desc="cache",
     )
-    while True:
-        while n_pending >= shard_tokens:
-            flush(shard_tokens)
-        if written + n_pending >= tokens:
-            break
-        tokens_NP = next(batches, None)
-        if tokens_NP is None:
-            log.warning(
-                "the text of %r ran out after %d tokens of %d; the cache holds what there was",
-                dataset,
-                written + n_pending,
-                tokens,
-            )
-            break
-        keep_NP = token_mask(tokens_NP, skip_positions, specials)
-        acts = model_activations(model, tokens_NP, hooks, keep_NP)
-        take = min(int(keep_NP.sum()), tokens - written - n_pending)
-        n_for_norm = min(take, norm_estimate_tokens - state.norm_rows)
-        for h in hooks:
-            rows_TD = acts[h][:take].cpu()
-            if n_for_norm > 0:
-                state.norm_sums[h] += norm_sum(rows_TD[:n_for_norm])
-            pending[h].append(rows_TD.to(stored))
-        state.norm_rows += max(n_for_norm, 0)
-        n_pending += take
-        bar.update(take)
-    if n_pending:
-        flush(n_pending)
-    bar.close()
+    with bar:  # closed before an error or interruption is reported, not after
+        while True:
+            while n_pending >= shard_tokens:
+                flush(shard_tokens)
+            if written + n_pending >= tokens:
+                break
+            tokens_NP = next(batches, None)
+            if tokens_NP is None:
+                log.warning(
+                    "the text of %r ran out after %d tokens of %d; the cache holds what there was",
+                    dataset,
+                    written + n_pending,
+                    tokens,
+                )
+                break
+            keep_NP = token_mask(tokens_NP, skip_positions, specials)
+            acts = model_activations(model, tokens_NP, hooks, keep_NP)
+            take = min(int(keep_NP.sum()), tokens - written - n_pending)
+            n_for_norm = min(take, norm_estimate_tokens - state.norm_rows)
+            for h in hooks:
+                rows_TD = acts[h][:take].cpu()
+                if n_for_norm > 0:
+                    state.norm_sums[h] += norm_sum(rows_TD[:n_for_norm])
+                pending[h].append(rows_TD.to(stored))
+            state.norm_rows += max(n_for_norm, 0)
+            n_pending += take
+            bar.update(take)
+        if n_pending:
+            flush(n_pending)
     if written == 0:
         raise SaelabError(f"no tokens came from {dataset!r}; pass a larger dataset")
 
     scales = {h: activation_scale(state.norm_sums[h], state.norm_rows, d_in[h], h) for h in hooks}
     index = CacheIndex(
-        model=local_or_name(model_name),
+        model=local_or_name(a.model),
         hooks=tuple(hooks),
         d_in=d_in,
         dtype=dtype,
@@ -217,13 +258,13 @@ def write_activation_cache(
         saelab_version=__version__,
     )
     # Last: its presence marks the cache as complete; the progress record is then dropped (a
-    # leftover one beside index.json is ignored: the cache is complete).
-    write_json(out_dir / INDEX_FILENAME, index.to_json())
-    for path in progress_files(out_dir):
-        path.unlink()
-    log.info(
-        "cached %d tokens of %s in %d shard(s) at %s", written, hooks, len(index.shards), out_dir
-    )
+    # leftover one beside index.json is ignored: the cache is complete). A signal from here on
+    # is let go: the cache is finished, there is nothing left to stop.
+    guard.armed = True
+    with guard.shield():
+        write_json(out_dir / INDEX_FILENAME, index.to_json())
+        for path in progress_files(out_dir):
+            path.unlink()
     return index
 
 
@@ -255,7 +296,8 @@ def cache_model_activations(
     check_folder(Path(out_dir), arguments, resume)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SaelabError("--device cuda was asked for but no CUDA device is available")
-    model, tokenizer = load_model(model_name, device=device)
+    with interruptions_reported(Path(out_dir), tokens):
+        model, tokenizer = load_model(model_name, device=device)
     return write_activation_cache(
         model,
         tokenizer,

@@ -33,6 +33,7 @@ from saelab.saes.formats.common import (
 )
 from saelab.saes.formats.sparsify import SPARSIFY_ARCHITECTURES
 from saelab.saes.storage import read_weights
+from saelab.safetensors_check import NUMBER_DTYPES, check_finite
 
 DL_CONFIG = "config.json"
 DL_WEIGHTS = "ae.safetensors"
@@ -184,7 +185,10 @@ def _read_dictionary_learning(path: Path, hook: str | None, output_hook: str | N
     spec = DL_CLASSES[dict_class]
     d_in = positive_int(trainer, "activation_dim", cfg_path)
     d_sae = positive_int(trainer, "dict_size", cfg_path)
-    tensors = read_weights(weights_path)
+    # Its state dicts hold integer buffers (k, group_sizes) beside the float weights.
+    fix = "re-export the SAE with dictionary_learning or saelab"
+    tensors = read_weights(weights_path, dtypes=NUMBER_DTYPES, fix=fix)
+    check_finite(tensors, weights_path, fix=fix)
     expected: dict[str, tuple[Any, ...]] = spec.layout.shapes(d_in, d_sae, d_in)
     expected |= {name: () for name in ("k", "threshold") if name in spec.buffers}
     if "group_sizes" in spec.buffers:

@@ -36,6 +36,7 @@ from saelab.saes.formats.common import (
     recentred,
 )
 from saelab.saes.storage import read_weights
+from saelab.safetensors_check import check_finite
 
 SPARSIFY_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -112,7 +113,8 @@ def _read_sparsify(path: Path, hook: str | None, output_hook: str | None) -> Loa
     else:
         d_sae = d_in * positive_int(cfg, "expansion_factor", cfg_path)
     transcode, skip = bool(cfg["transcode"]), bool(cfg["skip_connection"])
-    tensors = read_weights(weights_path)
+    tensors = read_weights(weights_path, fix="re-export the SAE with sparsify or saelab")
+    check_finite(tensors, weights_path, fix="re-export the SAE with sparsify or saelab")
     if "W_skip" in tensors and not skip:
         raise SaelabError(f"{weights_path} has W_skip but {cfg_path} sets no skip_connection")
     layout = _SPARSIFY_SKIP_LAYOUT if skip else _SPARSIFY_LAYOUT
