@@ -40,3 +40,41 @@ def one_line_error(done: subprocess.CompletedProcess) -> str:
     assert lines[0].startswith("saelab: error:")
     assert "Traceback" not in done.stderr
     return lines[0]
+
+
+TINY_HOOK = "blocks.1.hook_resid_post"
+"""The hook the tiny-model CLI tests train at."""
+
+
+def tiny_train_args(
+    model_dir: str | Path, text: str | Path, out: str | Path, *, tokens: int, extra: tuple = ()
+) -> tuple[str, ...]:
+    """``saelab train`` arguments of the small TopK run the CLI tests use (x4, k 8, batch 256,
+    context 32, a 1024-row buffer) on a tiny model folder and a text file; ``extra`` goes before
+    ``--out``."""
+    return (
+        "train",
+        "--model",
+        str(model_dir),
+        "--hook",
+        TINY_HOOK,
+        "--arch",
+        "topk",
+        "--expansion",
+        "4",
+        "--k",
+        "8",
+        "--tokens",
+        str(tokens),
+        "--batch-size",
+        "256",
+        "--dataset",
+        str(text),
+        "--context",
+        "32",
+        "--set",
+        "data.buffer_size=1024",
+        *extra,
+        "--out",
+        str(out),
+    )

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from saelab.evaluation.evaluate import METRIC_KEYS
-from saelab_cli import one_line_error
+from saelab_cli import one_line_error, tiny_train_args
 from saelab_cli import run_saelab as saelab
 
 pytestmark = pytest.mark.e2e
@@ -19,32 +19,7 @@ FOLDER = f"{HOOK}-topk-x4-k8"
 
 
 def train_args(model_dir, text, out, *extra):
-    return (
-        "train",
-        "--model",
-        str(model_dir),
-        "--hook",
-        HOOK,
-        "--arch",
-        "topk",
-        "--expansion",
-        "4",
-        "--k",
-        "8",
-        "--tokens",
-        "12800",
-        "--batch-size",
-        "256",
-        "--dataset",
-        str(text),
-        "--context",
-        "32",
-        "--set",
-        "data.buffer_size=1024",
-        "--out",
-        str(out),
-        *extra,
-    )
+    return (*tiny_train_args(model_dir, text, out, tokens=12800), *extra)
 
 
 def test_train_then_eval(tiny_model_dir, words_file, tmp_path):

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from saelab.training.checkpoint import write_checkpoint
+from saelab_cli import tiny_train_args
 
 pytestmark = pytest.mark.e2e
 
@@ -321,37 +322,15 @@ def resume(zygote: Zygote, point: KillPoint, resume_args: tuple, args: tuple) ->
 
 
 def train_args(model_dir: Path, text: Path, out: Path) -> tuple:
-    return (
-        "train",
-        "--model",
-        model_dir,
-        "--hook",
-        HOOK,
-        "--arch",
-        "topk",
-        "--expansion",
-        "4",
-        "--k",
-        "8",
-        "--tokens",
-        str(TRAIN_STEPS * 256),
-        "--batch-size",
-        "256",
-        "--dataset",
-        text,
-        "--context",
-        "32",
+    extra = (
         "--checkpoint-every",
         str(CHECKPOINT_STEPS * 256),
-        "--set",
-        "data.buffer_size=1024",
         # Log windows of 5 steps, checkpoints every 6: a resume starts inside a window, whose
         # sums so far must come from the checkpoint for the log to match.
         "--set",
         "train.log_every_steps=5",
-        "--out",
-        out,
     )
+    return tiny_train_args(model_dir, text, out, tokens=TRAIN_STEPS * 256, extra=extra)
 
 
 # Issue 16, item 2: the next run of the command removes the temp files of a killed one (whose pid

@@ -37,6 +37,7 @@ from saelab.signals import (
 )
 from saelab.training.checkpoint import latest_checkpoint
 from saelab.training.trainer import Trainer
+from saelab_cli import tiny_train_args
 
 pytestmark = pytest.mark.e2e
 
@@ -242,34 +243,8 @@ def test_a_signal_before_anything_is_worth_saving_says_there_is_nothing_to_resum
 def _train_args(model_dir: Path, text: Path, out: Path, *extra: str) -> tuple[str, ...]:
     # 20 steps whose every second one logs a line: the first line means "in the loop", and
     # the model's forward passes keep the remaining steps long enough to be interrupted.
-    return (
-        "train",
-        "--model",
-        str(model_dir),
-        "--hook",
-        HOOK,
-        "--arch",
-        "topk",
-        "--expansion",
-        "4",
-        "--k",
-        "8",
-        "--tokens",
-        "5120",
-        "--batch-size",
-        "256",
-        "--dataset",
-        str(text),
-        "--context",
-        "32",
-        "--set",
-        "data.buffer_size=1024",
-        "--set",
-        "train.log_every_steps=2",
-        "--out",
-        str(out),
-        *extra,
-    )
+    logs = ("--set", "train.log_every_steps=2")
+    return (*tiny_train_args(model_dir, text, out, tokens=5120, extra=logs), *extra)
 
 
 class Uninterrupted:

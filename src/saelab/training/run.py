@@ -35,7 +35,8 @@ from saelab.outputs import check_output_location
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.registry import architecture_class, check_run_saes, sae_folder_name
 from saelab.training.distributed import BroadcastStream, Distributed, distributed_session
-from saelab.training.trainer import Trainer, interruptions_reported
+from saelab.training.interruptions import interruptions_reported
+from saelab.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from saelab.saes.base import SparseAutoencoder
 from saelab.saes.metrics import ReconstructionStats
 from saelab.saes.registry import sae_folder_name
 from saelab.training.distributed import Distributed, distributed_session
+from saelab.training.interruptions import interruptions_reported
 from saelab.training.run import fit_run, run_config_for
-from saelab.training.trainer import interruptions_reported
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,10 @@ from saelab.saes.base import SparseAutoencoder, TrainStepOutput
 from saelab.saes.metrics import ReconstructionStats
 from saelab.saes.registry import sae_folder_name
 from saelab.saes.storage import save_sae
-from saelab.signals import Interrupted, InterruptGuard, is_accounted_for, signal_of
+from saelab.signals import Interrupted, InterruptGuard
 from saelab.training.checkpoint import latest_checkpoint, load_state, write_checkpoint
 from saelab.training.distributed import Distributed
+from saelab.training.interruptions import interruptions_reported
 from saelab.training.loggers import RunLogger
 from saelab.training.process import tune_for_training
 from saelab.training.resampling import FeatureResampler, resample_due
@@ -100,36 +101,6 @@ def _param_groups(sae: SparseAutoencoder) -> list[dict[str, Any]]:
 def _target(sae: SparseAutoencoder, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """What a transcoder predicts (its output hook's batch); None for an autoencoder."""
     return None if sae.cfg.output_hook is None else batch[sae.cfg.output_hook]
-
-
-def interruption(out_dir: Path | None, where: str, signum: int) -> Interrupted:
-    """An interruption that stopped ``where`` it was (a sentence), saying how far the last
-    checkpoint of ``out_dir`` is: resumable from it, or nothing to resume without one."""
-    path = None if out_dir is None else latest_checkpoint(out_dir)
-    if path is None:
-        return Interrupted(
-            f"{where}; no checkpoint was written, so there is nothing to resume", signum=signum
-        )
-    saved = load_state(path, "trainer")
-    step, tokens = int(saved["step"]), int(saved["tokens"])
-    return Interrupted(
-        f"{where}; the last checkpoint is at step {step:,} ({tokens:,} tokens)",
-        resumable=True,
-        signum=signum,
-    )
-
-
-@contextlib.contextmanager
-def interruptions_reported(out_dir: Path | None, where: str | Callable[[], str]) -> Iterator[None]:
-    """Within the block an interruption that nothing has accounted for becomes
-    :func:`interruption`; ``where`` says what was under way (or makes the sentence then)."""
-    try:
-        yield
-    except KeyboardInterrupt as exc:
-        if is_accounted_for(exc):
-            raise
-        sentence = where if isinstance(where, str) else where()
-        raise interruption(out_dir, sentence, signal_of(exc)) from None
 
 
 class Trainer:
