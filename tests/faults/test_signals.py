@@ -451,3 +451,42 @@ def test_interrupted_dashboard_leaves_the_earlier_site(trained_run, tmp_path):
     assert line == "saelab: interrupted; no partial result was written"
     assert _snapshot(site) == before
     assert _leftovers(site) == []
+
+
+# ----- sweep ----------------------------------------------------------------------------------
+
+
+def test_interrupted_sweep_checkpoints_and_its_resume_command_finishes_it(
+    tiny_model_dir, words_file, tmp_path
+):
+    """A sweep stops through the same trainer: one line with its ``--resume`` command, a
+    checkpoint of the step, and that command finishes every SAE and the summary."""
+    run_file = tmp_path / "sweep.toml"
+    run_file.write_text(
+        f'[model]\nname = "{tiny_model_dir}"\n\n'
+        f'[data]\ndataset = "{words_file}"\ncontext = 32\nbuffer_size = 1024\n\n'
+        "[train]\nlog_every_steps = 2\n\n"
+        f'[[sae]]\nhook = "{HOOK}"\nexpansion = 4\nk = 8\n\n'
+        f'[[sae]]\nhook = "{HOOK}"\nexpansion = 4\nk = 4\n'
+    )
+    out, log = tmp_path / "sweep", tmp_path / "stderr.txt"
+    args = ("sweep", run_file, "--tokens", "5120", "--batch-size", "256", "--eval-tokens", "512")
+    proc = _start(*args, "--out", out, log=log)
+    _wait_until(
+        lambda: (out / "train_log.jsonl").is_file() and (out / "train_log.jsonl").stat().st_size,
+        proc,
+        log,
+    )
+    line = _interrupt(proc, signal.SIGINT, log)
+    found = re.fullmatch(
+        r"saelab: interrupted at step (\d+) .*: resume with  saelab (-q )?sweep .*", line
+    )
+    assert found, line
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == int(found[1])
+    assert _leftovers(out) == []
+
+    resumed = _resume(line, log)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "summary.json").is_file()
+    for k in (8, 4):
+        assert (out / f"{HOOK}-topk-x4-k{k}" / "sae_weights.safetensors").is_file()
