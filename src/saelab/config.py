@@ -31,6 +31,27 @@ def require(ok: bool, message: str) -> None:
         raise SaelabError(message)
 
 
+def require_packing(
+    context: int, model_batch_size: int, skip_positions: int, *, as_flags: bool = True
+) -> None:
+    """The rules of packed sequences, shared by the run config and the cache's arguments; a
+    field is named as the user wrote it: a flag (``--model-batch-size``) or, with ``as_flags``
+    False, a run-file field (``data.model_batch_size``)."""
+
+    def called(field: str) -> str:
+        return f"--{field.replace('_', '-')}" if as_flags else f"data.{field}"
+
+    require(context >= 2, f"{called('context')} must be at least 2 tokens, got {context}")
+    require(
+        model_batch_size >= 1,
+        f"{called('model_batch_size')} must be at least 1, got {model_batch_size}",
+    )
+    require(
+        0 <= skip_positions < context,
+        f"{called('skip_positions')} must be in [0, context), got {skip_positions}",
+    )
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "default"
@@ -72,12 +93,7 @@ class DataConfig:
     """Passes over the cached activations a run may make; above 1 every token is reused."""
 
     def __post_init__(self) -> None:
-        require(self.context >= 2, f"data.context must be at least 2 tokens, got {self.context}")
-        require(self.model_batch_size >= 1, "data.model_batch_size must be at least 1")
-        require(
-            0 <= self.skip_positions < self.context,
-            f"data.skip_positions must be in [0, context), got {self.skip_positions}",
-        )
+        require_packing(self.context, self.model_batch_size, self.skip_positions, as_flags=False)
         require(self.buffer_size >= 1, "data.buffer_size must be at least 1")
         require(self.norm_estimate_tokens >= 1, "data.norm_estimate_tokens must be positive")
         require(self.activation_epochs >= 1, "data.activation_epochs must be at least 1")

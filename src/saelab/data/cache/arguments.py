@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from saelab.config import require
+from saelab.config import require, require_packing
 from saelab.data.cache.index import CACHE_DTYPES, local_or_name
 
 
@@ -52,15 +52,7 @@ class CacheArguments:
             self.norm_estimate_tokens >= 1,
             f"--norm-estimate-tokens must be positive, got {self.norm_estimate_tokens}",
         )
-        require(self.context >= 2, f"--context must be at least 2 tokens, got {self.context}")
-        require(
-            self.model_batch_size >= 1,
-            f"--model-batch-size must be at least 1, got {self.model_batch_size}",
-        )
-        require(
-            0 <= self.skip_positions < self.context,
-            f"--skip-positions must be in [0, context), got {self.skip_positions}",
-        )
+        require_packing(self.context, self.model_batch_size, self.skip_positions)
 
     def recorded(self) -> dict[str, Any]:
         """The JSON form kept in ``progress.json`` and compared on resume."""
