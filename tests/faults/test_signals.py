@@ -306,13 +306,17 @@ def test_interrupted_train_checkpoints_and_resumes_bit_for_bit(
     )
     line = _interrupt(proc, signum, log)
 
+    # A signal right after a periodic checkpoint, with nothing new to save, stops at once and
+    # names that checkpoint: then it must be the checkpoint of the step stopped at.
     found = re.fullmatch(
         r"saelab: interrupted at step (\d+) \(([\d,]+) tokens\); "
-        r"(a checkpoint was written|its checkpoint was already written): resume with  saelab .*",
+        r"(a checkpoint was written|its checkpoint was already written"
+        r"|the last checkpoint is at step (\d+) \(\2 tokens\)): resume with  saelab .*",
         line,
     )
     assert found, line
     step = int(found[1])
+    assert found[4] is None or int(found[4]) == step, line
     assert 0 < step < 50 and int(found[2].replace(",", "")) == step * 256
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == step
     assert not (out / FOLDER).exists()  # the SAE is saved only when training ends
