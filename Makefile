@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.saelab-installed
 DEMO   ?= runs/demo
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install demo test lint bench clean browser
+.PHONY: install demo test lint bench clean browser experiments
 
 install: $(STAMP)
 
@@ -25,8 +25,8 @@ demo: $(STAMP)
 	$(VENV)/bin/saelab eval $(DEMO)/blocks.6.hook_resid_post-topk-x16-k32 --tokens 8192
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks examples experiments
+	$(VENV)/bin/ruff format --check src tests benchmarks examples experiments
 
 # Headless Chromium and its WebDriver (Debian packages) for the dashboard's browser tests;
 # installed only when missing.
@@ -45,6 +45,16 @@ browser:
 
 test: $(STAMP) lint browser
 	$(VENV)/bin/pytest -q
+
+# The founding notes' claims, each an experiment (experiments/README.md): every full mode on the
+# default model, one after another, each writing runs/experiments/NAME/result.json and a PNG.
+EXPERIMENTS := gamma_from_sums resample_warmup mean_centring dense_features layer_transfer \
+	ce_sanity keep_topk_per_prompt
+
+experiments: $(STAMP)
+	for name in $(EXPERIMENTS); do \
+		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) experiments/$$name.py || exit 1; \
+	done
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py --arch topk

@@ -43,3 +43,43 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     build_tiny_model("llama").save_pretrained(path)
     build_tiny_tokenizer().save_pretrained(path)
     return path
+
+
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--window-size=1280,900",
+)
+"""Flags of the headless Chromium that browser tests drive (as the dashboard's tests do)."""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's ``chromium`` and ``chromium-driver``, ``make browser``) driven
+    by Selenium for a test module, its console log kept (``driver.get_log("browser")``)."""
+    import shutil
+    from pathlib import Path
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if not (Path(chromium).exists() and Path(driver_path).exists()):
+        pytest.fail(
+            "headless Chromium is missing: run `make browser` (apt-get install chromium "
+            "chromium-driver)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see script errors
+    # An explicit driver path: Selenium Manager never tries to download a browser or driver.
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(20)
+    yield driver
+    driver.quit()

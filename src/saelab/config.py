@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -175,6 +176,18 @@ class SAEConfig:
     name: str | None = None
     """Folder name of this SAE inside the run directory; default derived from its settings
     (``saelab.saes.registry.sae_folder_name``, e.g. ``blocks.6.hook_resid_post-topk-x16-k32``)."""
+    layers: str | tuple[int, ...] | None = None
+    """Transcoders only: train a *replacement set*, one transcoder per listed layer (``all``, or
+    a list such as ``[0, 3, 5]`` / ``--set sae.layers=0,3,5``), from one pass; with no
+    ``output_hook`` each reads ``blocks.L.ln2.hook_normalized`` and predicts
+    ``blocks.L.hook_mlp_out``, else the layer number in ``hook``/``output_hook`` is replaced by
+    each L. A cross-layer architecture (``topk_clt_transcoder``) trains one CLT over the layers
+    instead, whose decoder holds ``Σ_i F·d·(n − i)`` floats (n covered layers, F = d_sae / n
+    features read at each, d the model width). Saved as one folder with ``replacement.json``."""
+    seed: int | None = None
+    """This SAE's initialisation seed; default the run's ``seed`` plus the SAE's index.
+    ``saelab sweep --seeds N`` sets it (0 … N-1 added to the run's seed) on N copies of each
+    ``[[sae]]``, and the folder name then ends in ``-seedN``."""
 
     def __post_init__(self) -> None:
         # What depends on the architecture (a transcoder's output_hook, ...) is checked by the
@@ -207,6 +220,8 @@ class SAEConfig:
             0 < self.threshold_ema_lr <= 1,
             f"sae.threshold_ema_lr must be in (0, 1], got {self.threshold_ema_lr}",
         )
+        if self.layers is not None:
+            object.__setattr__(self, "layers", _parse_layers(self.layers))
         if self.matryoshka_widths is not None:
             widths = self.matryoshka_widths
             ok = isinstance(widths, (list, tuple)) and len(widths) >= 1
@@ -224,6 +239,15 @@ class SAEConfig:
             )
             # TOML gives a list; a tuple keeps the frozen config hashable and comparable.
             object.__setattr__(self, "matryoshka_widths", tuple(widths))
+
+    def hooks_read(self) -> list[str]:
+        """The hooks this SAE's batches need: ``hook`` and ``output_hook``; with a list of
+        ``layers`` (a cross-layer transcoder, or a replacement set before it is expanded) those
+        two at each listed layer (the ``blocks.N.`` of each name replaced)."""
+        pair = [h for h in (self.hook, self.output_hook) if h is not None]
+        if not isinstance(self.layers, tuple) or self.output_hook is None:
+            return pair
+        return [_BLOCK_PREFIX.sub(f"blocks.{layer}.", h) for layer in self.layers for h in pair]
 
     def d_sae(self, d_in: int) -> int:
         """Number of features for activations of width ``d_in``."""
@@ -251,6 +275,29 @@ class SAEConfig:
             return self.matryoshka_widths
         ends = (max(1, d_sae * n // 16) for n in (1, 2, 4, 8))
         return tuple(dict.fromkeys((*ends, d_sae)))
+
+
+_BLOCK_PREFIX = re.compile(r"^blocks\.(\d+|\{layer\})\.")
+
+
+def _parse_layers(value: Any) -> str | tuple[int, ...]:
+    """``sae.layers`` as ``"all"`` or a tuple of distinct non-negative layer numbers."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "all":
+            return "all"
+        try:
+            value = [int(v) for v in text.replace(" ", "").strip("[]()").split(",") if v]
+        except ValueError as exc:
+            raise SaelabError(
+                f"sae.layers must be `all` or layer numbers such as 0,3,5, got {value!r}"
+            ) from exc
+    ok = isinstance(value, list | tuple) and len(value) >= 1
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    require(ok, f"sae.layers must be `all` or non-negative layer numbers, got {value!r}")
+    dup = sorted({v for v in value if list(value).count(v) > 1})
+    require(not dup, f"sae.layers lists layer {dup[0] if dup else ''} twice; list each once")
+    return tuple(sorted(value))
 
 
 @dataclass(frozen=True)
@@ -378,7 +425,7 @@ class RunConfig:
     def hooks(self) -> list[str]:
         """Hook points needed by the SAEs (transcoders' output hooks too), deduplicated, in
         first-seen order."""
-        needed = (h for s in self.saes for h in (s.hook, s.output_hook) if h is not None)
+        needed = (h for s in self.saes for h in s.hooks_read())
         return list(dict.fromkeys(needed))
 
 

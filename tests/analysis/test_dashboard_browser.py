@@ -11,7 +11,6 @@ Screenshots go to ``test-artifacts/`` at the repository root.
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 from pathlib import Path
 
@@ -38,14 +37,6 @@ AS_HOSTILE = {5: (5, 7, 9, 11, 13), 6: (6, 8, 10, 12, 14)}
 """Words of the corpus written as each hostile token, so that ~2% of tokens are each."""
 DEAD = 0
 """Feature whose encoder is switched off, so the site has a real dead feature."""
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--window-size=1280,900",
-)
 
 
 def hostile_tokenizer() -> PreTrainedTokenizerFast:
@@ -116,30 +107,6 @@ def url(site):
     bound[0].shutdown()
     thread.join(10)
     assert not thread.is_alive()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    if not (Path(chromium).exists() and Path(driver_path).exists()):
-        pytest.fail(
-            "headless Chromium is missing: run `make browser` (apt-get install chromium "
-            "chromium-driver)"
-        )
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see script errors
-    # An explicit driver path: Selenium Manager never tries to download a browser or driver.
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    driver.set_page_load_timeout(20)
-    yield driver
-    driver.quit()
 
 
 def screenshot(driver, name: str) -> None:

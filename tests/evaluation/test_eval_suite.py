@@ -90,6 +90,16 @@ def count_forwards(model) -> list[int]:
     return calls
 
 
+def count_block_rows(model) -> list[int]:
+    """Sequences through decoder blocks, summed over the blocks: the cost of the passes."""
+    calls = [0]
+    for block in model.model.layers:
+        block.register_forward_pre_hook(
+            lambda _, args: calls.__setitem__(0, calls[0] + args[0].shape[0])
+        )
+    return calls
+
+
 EVAL = {"tokens": 2 * 4 * 32, "context": 32, "batch_size": 4, "progress": False}
 
 
@@ -101,15 +111,17 @@ def test_many_saes_match_one_at_a_time_with_fewer_forward_passes(words_file):
         TopKSAE(SAEConfig(hook=HOOK_A, k=8, expansion=2), d_in=D_MODEL, seed=1),
         TopKSAE(SAEConfig(hook=HOOK_B, k=4, expansion=2), d_in=D_MODEL, seed=2),
     ]
-    calls = count_forwards(model)
+    calls = count_block_rows(model)
     kwargs = {**EVAL, "dataset": str(words_file), "check_reference": False}
     together = evaluate_saes(saes, model, tokenizer, **kwargs)
     shared_calls, calls[0] = calls[0], 0
     alone = [evaluate_sae(sae, model, tokenizer, **kwargs) for sae in saes]
-    n_batches = 2
-    # Per batch: 1 clean + 2 ablated (one per hook) + 3 spliced, against 3 × 3 one at a time.
-    assert shared_calls == n_batches * (1 + 2 + 3)
-    assert calls[0] == n_batches * 3 * 3
+    n_batches, n = 2, EVAL["batch_size"]
+    # Per batch, in sequences × blocks of the 3-block model: the clean pass (3 blocks), then
+    # from block 1 on (after HOOK_A) 2 spliced + 1 ablated, from block 2 on 1 + 1 ...
+    assert shared_calls == n_batches * n * (3 + (2 + 1) * 2 + (1 + 1) * 1)
+    # ... against a clean pass and two variants for each SAE alone.
+    assert calls[0] == n_batches * n * ((3 + 2 * 2) * 2 + (3 + 2 * 1))
     for (m_all, info_all), (m_one, info_one) in zip(together, alone, strict=True):
         assert tuple(m_all) == METRIC_KEYS
         for key in METRIC_KEYS:

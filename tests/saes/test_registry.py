@@ -26,6 +26,19 @@ OLD_NAMES = {
     ("jumprelu", "default"): "blocks.6.hook_resid_post-jumprelu-x16-l0_5",
     ("jumprelu", "set"): "blocks.6.hook_resid_post-jumprelu-w4096-l0_0.25",
     ("jumprelu", "april"): "blocks.6.hook_resid_post-jumprelu-x16-l0_2",
+    # Cross-layer transcoders (new with replacement sets): named by the same rule.
+    ("jumprelu_clt_transcoder", "default"): (
+        "blocks.6.hook_resid_post-jumprelu_clt_transcoder-x16-l0_5"
+    ),
+    ("jumprelu_clt_transcoder", "set"): (
+        "blocks.6.hook_resid_post-jumprelu_clt_transcoder-w4096-l0_0.25"
+    ),
+    ("jumprelu_clt_transcoder", "april"): (
+        "blocks.6.hook_resid_post-jumprelu_clt_transcoder-x16-l0_2"
+    ),
+    ("topk_clt_transcoder", "default"): "blocks.6.hook_resid_post-topk_clt_transcoder-x16-k32",
+    ("topk_clt_transcoder", "set"): "blocks.6.hook_resid_post-topk_clt_transcoder-w4096-k8",
+    ("topk_clt_transcoder", "april"): "blocks.6.hook_resid_post-topk_clt_transcoder-x16-k32",
     ("matryoshka", "default"): "blocks.6.hook_resid_post-matryoshka-x16-k32",
     ("matryoshka", "set"): "blocks.6.hook_resid_post-matryoshka-w4096-k8",
     ("matryoshka", "april"): "blocks.6.hook_resid_post-matryoshka-x16-k32",

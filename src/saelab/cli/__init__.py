@@ -41,6 +41,8 @@ _MODULE_OF = {
     "serve": "features",
     "steer": "steer",
     "circuit": "circuit",
+    "graph": "graph",
+    "bench": "bench",
     "hooks": "evaluate",
 }
 """Command name → the module of ``saelab.cli`` that defines it, in the order ``--help`` lists

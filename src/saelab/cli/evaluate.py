@@ -20,7 +20,9 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
         "sae_dirs",
         nargs="+",
         metavar="SAE_DIR",
-        help="SAE folder(s) (cfg.json + weights), glob pattern(s) or run/sweep folder(s)",
+        help="SAE folder(s) (cfg.json + weights), glob pattern(s) or run/sweep folder(s); one "
+        "replacement set folder (replacement.json) is measured member by member and with all "
+        "members spliced at once",
     )
     parser.add_argument(
         "--summary", help="where to write eval_summary.json (default: the folders' common parent)"
@@ -30,8 +32,11 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from saelab.evaluation.evaluate import evaluate_sae_dirs, format_summary_table
+    from saelab.saes.replacement import holds_replacement
 
     cfg = options_from(args, EvalConfig)
+    if len(args.sae_dirs) == 1 and holds_replacement(args.sae_dirs[0]):
+        return _run_eval_replacement(args.sae_dirs[0], cfg, progress=not args.quiet)
     summary = evaluate_sae_dirs(
         args.sae_dirs,
         **dataclasses.asdict(cfg),
@@ -50,10 +55,42 @@ def _run_eval(args: argparse.Namespace) -> int:
                 f" (default text: {'n/a' if ref is None else f'{ref:.4f}'})"
             )
     print(format_summary_table(summary))
+    _print_seed_intervals(summary)
     # The warnings themselves were logged as they arose; here only how many, and where.
     if n_warnings := sum(len(entry["warnings"]) for entry in summary["saes"]):
         print(f"{n_warnings} sanity warning(s) above, also under 'warnings' in the summary")
     print(f"metrics.json and eval_info.json in each SAE folder; summary in {summary['path']}")
+    return 0
+
+
+def _print_seed_intervals(summary: dict) -> None:
+    """With SAEs that differ only by seed (``saelab sweep --seeds``): every metric as mean ± 95 %
+    interval per group of seeds, and the smallest difference the seeds resolve."""
+    from saelab.evaluation.bench.results import format_bench_table, merge_results
+
+    saes = {
+        entry["sae_dir"]: {
+            "metrics": {k: v for k, v in entry["metrics"].items() if isinstance(v, int | float)},
+            "info": {},
+        }
+        for entry in summary["saes"]
+    }
+    doc = merge_results(None, {"suite": "eval", "saes": saes})
+    if any(len(group["members"]) > 1 for group in doc["groups"].values()):
+        print("over seeds (mean ± 95 % interval; last column: smallest difference resolved):")
+        print(format_bench_table(doc))
+
+
+def _run_eval_replacement(path: str, cfg: EvalConfig, *, progress: bool) -> int:
+    """A replacement set: each member and all of them spliced at once."""
+    from saelab.evaluation.replacement_eval import (
+        evaluate_replacement_dir,
+        format_replacement_table,
+    )
+
+    result = evaluate_replacement_dir(path, **dataclasses.asdict(cfg), progress=progress)
+    print(format_replacement_table(result))
+    print(f"metrics in {result['path']}")
     return 0
 
 

@@ -37,6 +37,7 @@ _METAVARS = {
     "generate": "PROMPT",
     "transfer_layers": "LAYERS",
     "transfer_model": "NAME",
+    "explain_with": "SAE_DIR",
 }
 
 
@@ -97,6 +98,11 @@ def _run_steer(args: argparse.Namespace) -> int:
     if result["generations"]:
         print()
         print(format_generations(result))
+    if result.get("explain"):
+        from saelab.analysis.steering.explain import format_explanation
+
+        print()
+        print(format_explanation(result["explain"]))
     print(f"steer.json, steer.png and the vector (vector/) in {args.out}")
     return 0
 

@@ -65,6 +65,9 @@ _CHOICES = {"--arch": sorted(ARCHITECTURES), "--device": DEVICES, "--dist-mode":
 class SweepOptions:
     eval_tokens: int = 16_384
     """Held-out activations each SAE is measured on after training."""
+    seeds: int = 1
+    """Train every [[sae]] under this many seeds (folders ...-seedN), all from the same model
+    pass, so metrics get intervals over seeds."""
 
 
 def add_run_flags(parser: argparse.ArgumentParser, flags: tuple[str, ...] | dict) -> None:
@@ -145,7 +148,12 @@ def _run_sweep(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, run_overrides(args))
     options = options_from(args, SweepOptions)
     summary = sweep_run(
-        cfg, args.out, eval_tokens=options.eval_tokens, resume=args.resume, progress=not args.quiet
+        cfg,
+        args.out,
+        eval_tokens=options.eval_tokens,
+        seeds=options.seeds,
+        resume=args.resume,
+        progress=not args.quiet,
     )
     if not is_main_process():  # under torchrun rank 0 alone reports
         return 0
@@ -222,8 +230,8 @@ def _run_validate(args: argparse.Namespace) -> int:
         f"{text}, context {data.context}; {train.tokens:,} tokens per SAE in {train.steps:,} "
         f"steps of {train.batch_size:,}"
     )
-    print(f"{len(cfg.saes)} SAE(s):")
-    for sae in cfg.saes:
+    print(f"{len(check.cfg.saes)} SAE(s):")
+    for sae in check.cfg.saes:  # a layered [[sae]] as the members it expands to
         hooks = [h for h in (sae.hook, sae.output_hook) if h is not None]
         shown = [f"{h} (width {check.widths[h]})" if check.widths else h for h in hooks]
         width = "" if check.widths is None else f", d_sae {sae.d_sae(check.widths[sae.hook])}"

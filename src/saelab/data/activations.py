@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from saelab.data.scale import activation_scale, norm_sum
@@ -88,6 +89,7 @@ class ActivationStream:
         seed: int = 0,
         device: str | torch.device | None = None,
         sum_over_ranks: Callable[[Tensor], Tensor] | None = None,
+        progress: bool = False,
     ) -> None:
         self.model = model
         self.token_batches = token_batches
@@ -105,6 +107,8 @@ class ActivationStream:
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.buffer = ShuffleBuffer(batch_size, buffer_size, seed, self.device)
         """Normalised rows waiting to be served, shuffled."""
+        self.progress = progress
+        """Show a bar while the buffer is (re)filled: the model runs, nothing else moves."""
         self._tokens_iter: Iterator[Tensor] | None = None
         self._pending: dict[str, Tensor] = {}
 
@@ -119,18 +123,31 @@ class ActivationStream:
         """``n`` fresh activation rows per hook (raw model units), running the model as needed."""
         chunks = {h: [self._pending[h]] if h in self._pending else [] for h in self.hooks}
         have = chunks[self.hooks[0]][0].shape[0] if chunks[self.hooks[0]] else 0
-        while have < n:
-            tokens_NP = next(self._tokens(), None)
-            if tokens_NP is None:
-                raise SaelabError(
-                    "the text ran out while filling the activation buffer; use a larger "
-                    "dataset, fewer --tokens or a smaller buffer"
-                )
-            keep_NP = token_mask(tokens_NP, self.skip_positions, self.special_ids)
-            acts = model_activations(self.model, tokens_NP, self.hooks, keep_NP)
-            for hook in self.hooks:
-                chunks[hook].append(acts[hook].to(self.device))
-            have += int(keep_NP.sum())
+        bar = tqdm(
+            total=n,
+            initial=min(have, n),
+            desc="activations" if not self.buffer.rows else "refill",
+            unit="row",
+            unit_scale=True,
+            leave=False,
+            dynamic_ncols=True,
+            disable=not self.progress or have >= n,
+        )
+        with bar:
+            while have < n:
+                tokens_NP = next(self._tokens(), None)
+                if tokens_NP is None:
+                    raise SaelabError(
+                        "the text ran out while filling the activation buffer; use a larger "
+                        "dataset, fewer --tokens or a smaller buffer"
+                    )
+                keep_NP = token_mask(tokens_NP, self.skip_positions, self.special_ids)
+                acts = model_activations(self.model, tokens_NP, self.hooks, keep_NP)
+                for hook in self.hooks:
+                    chunks[hook].append(acts[hook].to(self.device))
+                kept = int(keep_NP.sum())
+                bar.update(min(kept, n - have))
+                have += kept
         rows, self._pending = {}, {}
         for hook in self.hooks:
             joined = torch.cat(chunks[hook])
@@ -155,7 +172,8 @@ class ActivationStream:
         rows = self._next_rows(self.buffer.space())
         if not self.buffer.rows:
             self._estimate_scales(rows)
-        self.buffer.refill({h: rows[h] * self.scales[h] for h in self.hooks})
+        # In place: the rows are this refill's own (the pending rest is a separate slice).
+        self.buffer.refill({h: rows[h].mul_(self.scales[h]) for h in self.hooks})
 
     # ----- serving ----------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,12 @@ from saelab.errors import SaelabError
 from saelab.evaluation.sanity import expected_input_norm, reference_ce, sanity_warnings
 from saelab.evaluation.splice import (
     SpliceSums,
-    clean_pass,
-    kl_per_position,
-    next_token_ce,
-    replaced_logits,
+    clean_outputs,
+    entry_captures,
+    head_losses,
+    hook_entries,
     scored_positions,
+    variant_outputs,
 )
 from saelab.models.hookpoints import hook_dim
 from saelab.models.loading import load_model
@@ -184,8 +186,13 @@ def evaluate_saes(
     specials = special_token_ids(tokenizer)
     n_batches = max(1, math.ceil(tokens / (batch_size * context)))
     batches = TokenBatches(dataset, tokenizer, context=context, batch_size=batch_size, seed=seed)
+    # Each splice hook's variants (its SAEs, then the zeros) run from where its change enters.
+    entries = hook_entries(model, splice_hooks)
+    captured = sorted(set(hooks) | set(entry_captures(entries)))
+    by_hook = {hook: [t for t in tallies if t.splice_hook == hook] for hook in splice_hooks}
     position0_kept = False
     bar = tqdm(total=n_batches, disable=not progress, desc="eval", unit="batch")
+    started, seen = time.perf_counter(), 0
     for _ in range(n_batches):
         tokens_NP = next(batches, None)
         if tokens_NP is None:
@@ -194,35 +201,34 @@ def evaluate_saes(
         keep_NP = token_mask(tokens_NP, skip_positions, specials)
         position0_kept |= bool(keep_NP[:, 0].any())
         scored_NP = scored_positions(keep_NP)
-        clean_NPV, acts = clean_pass(model, tokens_NP, hooks)
-        ce_clean_NP = next_token_ce(clean_NPV, tokens_NP)
-        # Zero-ablating a hook does not depend on the SAE: once per hook, kept as [N, P] losses.
-        ablated: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        clean_NPX, acts = clean_outputs(model, tokens_NP, captured)
+        outputs: list[torch.Tensor] = []
         for hook in splice_hooks:
-            zeros_NPD = torch.zeros_like(acts[hook])
-            ablated_NPV = replaced_logits(model, tokens_NP, hook, keep_NP, zeros_NPD)
-            ablated[hook] = (
-                next_token_ce(ablated_NPV, tokens_NP),
-                kl_per_position(clean_NPV, ablated_NPV),
-            )
-        for tally in tallies:
-            recon_NPD = _reconstruct(tally, acts, keep_NP)
-            spliced_NPV = replaced_logits(model, tokens_NP, tally.splice_hook, keep_NP, recon_NPD)
-            ce_ablated_NP, kl_ablated_NP = ablated[tally.splice_hook]
-            tally.sums.add(
-                scored_NP,
-                ce_clean_NP,
-                next_token_ce(spliced_NPV, tokens_NP),
-                ce_ablated_NP,
-                kl_per_position(clean_NPV, spliced_NPV),
-                kl_ablated_NP,
-            )
+            news = [_reconstruct(tally, acts, keep_NP) for tally in by_hook[hook]]
+            news.append(torch.zeros_like(acts[hook]))  # zero-ablation: once per hook
+            outputs += variant_outputs(model, tokens_NP, hook, entries[hook], keep_NP, acts, news)
+            del news
+        ce_clean_T, ce, kl = head_losses(model, clean_NPX, outputs, tokens_NP, scored_NP)
+        del outputs
+        at = 0
+        for hook in splice_hooks:
+            members = by_hook[hook]
+            ablated = at + len(members)
+            for i, tally in enumerate(members):
+                tally.sums.add_rows(ce_clean_T, ce[at + i], ce[ablated], kl[at + i], kl[ablated])
+            at = ablated + 1
+        seen += tokens_NP.numel()
+        bar.set_postfix(tok_s=f"{seen / (time.perf_counter() - started):.0f}", refresh=False)
         bar.update(1)
     bar.close()
     if tallies[0].stats.n_tokens == 0:
         raise SaelabError(f"no evaluation tokens came from {dataset!r}; pass a larger dataset")
     name = model_name or _model_label(model)
-    ref_ce = reference_ce(model, tokenizer, name, context=context) if check_reference else None
+    ref_ce = None
+    if check_reference:  # measured once per model and context, then read from the cache
+        took = time.perf_counter()
+        ref_ce = reference_ce(model, tokenizer, name, context=context)
+        log.info("reference CE (once, cached): %.1f s", time.perf_counter() - took)
     clean_ce = tallies[0].sums.compute()["ce_loss_clean"]
     log.info(
         "clean CE of %s on %s at context %d: %.4f nats (on the default text: %s)",

@@ -34,6 +34,10 @@ class ParetoPoint:
     """L0: lower is better."""
     y: float
     """The quality measure (FVU, ΔCE: lower is better; CE recovered: higher is better)."""
+    x_err: float | None = None
+    """Half-width of the 95 % interval of x over seeds (drawn as an error bar), if known."""
+    y_err: float | None = None
+    """Half-width of the 95 % interval of y over seeds, if known."""
 
 
 def pareto_front(xy: Sequence[tuple[float, float]], *, maximize_y: bool = False) -> list[int]:
@@ -86,14 +90,27 @@ def density_histogram_figure(label: str, log10_density_F: Float[torch.Tensor, " 
 
 
 def pareto_png(
-    points: Sequence[ParetoPoint], *, ylabel: str, maximize_y: bool = False, title: str = ""
+    points: Sequence[ParetoPoint],
+    *,
+    ylabel: str,
+    maximize_y: bool = False,
+    title: str = "",
+    front: bool = True,
 ) -> bytes:
-    """Scatter of SAEs coloured by architecture, with their Pareto front drawn as a line."""
-    return _png(pareto_figure(points, ylabel=ylabel, maximize_y=maximize_y, title=title))
+    """Scatter of SAEs coloured by architecture, with their Pareto front drawn as a line (unless
+    ``front`` is False) and each point's 95 % intervals over seeds as error bars."""
+    return _png(
+        pareto_figure(points, ylabel=ylabel, maximize_y=maximize_y, title=title, front=front)
+    )
 
 
 def pareto_figure(
-    points: Sequence[ParetoPoint], *, ylabel: str, maximize_y: bool = False, title: str = ""
+    points: Sequence[ParetoPoint],
+    *,
+    ylabel: str,
+    maximize_y: bool = False,
+    title: str = "",
+    front: bool = True,
 ) -> Figure:
     """The figure of :func:`pareto_png`."""
     fig = Figure(figsize=(6.5, 4.5))
@@ -103,11 +120,23 @@ def pareto_figure(
     for arch in architectures:
         mine = [p for p in points if p.architecture == arch]
         ax.scatter([p.x for p in mine], [p.y for p in mine], color=colours[arch], label=arch)
-    front = pareto_front([(p.x, p.y) for p in points], maximize_y=maximize_y)
-    if front:
+        barred = [p for p in mine if p.x_err is not None or p.y_err is not None]
+        if barred:
+            ax.errorbar(
+                [p.x for p in barred],
+                [p.y for p in barred],
+                xerr=[_err(p.x_err) for p in barred],
+                yerr=[_err(p.y_err) for p in barred],
+                fmt="none",
+                ecolor=colours[arch],
+                capsize=3,
+                linewidth=1,
+            )
+    on_front = pareto_front([(p.x, p.y) for p in points], maximize_y=maximize_y) if front else []
+    if on_front:
         ax.plot(
-            [points[i].x for i in front],
-            [points[i].y for i in front],
+            [points[i].x for i in on_front],
+            [points[i].y for i in on_front],
             color="black",
             linestyle="--",
             linewidth=1,
@@ -127,6 +156,11 @@ def pareto_figure(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _err(half_width: float | None) -> float:
+    """An error bar's half-width; none (or not finite) draws nothing."""
+    return half_width if half_width is not None and math.isfinite(half_width) else 0.0
 
 
 def training_curves_png(records_by_sae: Mapping[str, Sequence[Mapping[str, float]]]) -> bytes:

@@ -229,6 +229,32 @@ def hook_layer(model: PreTrainedModel, name: str) -> int | None:
     return resolve_hook(model, name).layer
 
 
+def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList | None:
+    """The `ModuleList` of decoder blocks, in forward order; None for a family without a table."""
+    family = model_family(model)
+    blocks = _blocks_path(model, family) if family else None
+    return None if blocks is None else model.get_submodule(blocks)
+
+
+def residual_entry(model: PreTrainedModel, name: str) -> tuple[int, bool]:
+    """Where a change at hook `name` enters the stack of blocks: (the first block it reaches,
+    whether the activation there IS the residual stream entering that block).
+
+    `blocks.L.hook_resid_pre` → (L, True); `blocks.L.hook_resid_post` (or the block's own path)
+    → (L + 1, True), L + 1 being the block count for the last block (the final norm's input);
+    any other hook inside block L → (L, False); a module outside the blocks, or a family without
+    a table → (0, False): everything from the embeddings on depends on it.
+    """
+    point = resolve_hook(model, name)
+    family = model_family(model)
+    blocks = _blocks_path(model, family) if family else None
+    if blocks is None or point.layer is None:
+        return 0, False
+    if point.module_path == f"{blocks}.{point.layer}":
+        return (point.layer, True) if point.where == "input" else (point.layer + 1, True)
+    return point.layer, False
+
+
 def hook_dim(model: PreTrainedModel, name: str) -> int:
     """The width d of the activation `[batch, pos, d]` at hook `name`."""
     point, kind = _resolve(model, name)

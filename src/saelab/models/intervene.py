@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -26,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
 from saelab.errors import SaelabError
-from saelab.models.hookpoints import HookPoint, resolve_hook
+from saelab.models.hookpoints import HookPoint, decoder_blocks, resolve_hook
 
 Activation = Float[Tensor, "batch pos d"]
 PatchFn = Callable[[Tensor], Tensor]
@@ -73,6 +74,11 @@ def capture(
         except _StopForward as raised:
             if raised is not stopper:
                 raise
+        finally:
+            # The stop's traceback holds the forward pass's frames, and through `record` the
+            # stop itself: a cycle that kept every pass's activations alive until the garbage
+            # collector ran (gigabytes for a 60-hook stream). Cut it.
+            stopper.__traceback__ = None
 
 
 @contextmanager
@@ -127,6 +133,120 @@ def run_to_hooks(
             "model's forward calls (see: saelab hooks MODEL)"
         )
     return acts
+
+
+def run_blocks_from(
+    model: PreTrainedModel,
+    input_ids: Int[Tensor, "batch pos"],
+    start: int,
+    residual: Activation | None = None,
+    patches: Mapping[str, PatchFn] | None = None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """The final hidden states (after the final norm, before the LM head) of a forward pass
+    that skips blocks `[0, start)` and gives block `start` the residual stream `residual`
+    (the activation that flows out of block `start - 1`); `patches` apply during the pass.
+
+    The model's own forward still runs around the blocks, so position ids, rotary embeddings,
+    attention masks and per-layer attention types are exactly those of a full pass; the skipped
+    blocks are swapped for pass-throughs (`start == len(blocks)` runs only the final norm), and
+    the embeddings they would have received are dropped. `start == 0` is a plain full pass
+    (`residual` must be None). Equal to a full pass up to float rounding when `residual` is the
+    clean activation there; see `residual_entry` for where a hook's change enters.
+
+    Example:
+        >>> pre = run_to_hooks(model, ids, ["blocks.6.hook_resid_pre"])["blocks.6.hook_resid_pre"]
+        >>> hidden = run_blocks_from(model, ids, 6, pre)
+        >>> logits = final_logits(model, hidden)
+    """
+    base = model.base_model
+    blocks = decoder_blocks(model)
+    if start == 0:
+        if residual is not None:
+            raise SaelabError("run_blocks_from at block 0 starts from the embeddings; no residual")
+        with ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(patch(model, patches or {}))
+            if blocks is not None and model not in _RETURNS_TUPLES:  # learnt for free here
+                note = blocks[0].register_forward_hook(_note_output_form(model), prepend=True)
+                stack.callback(note.remove)
+            return base(input_ids, use_cache=False).last_hidden_state
+    if blocks is None or not 0 < start <= len(blocks) or residual is None:
+        raise SaelabError(
+            f"cannot start at block {start} of this {model.config.model_type} model; give the "
+            "residual entering a block of a family saelab knows (see: saelab hooks MODEL)"
+        )
+    as_tuple = _blocks_return_tuples(model, blocks, input_ids)
+    skipped = [blocks[i] for i in range(start)]
+    try:
+        for i, block in enumerate(skipped):
+            blocks[i] = _Skipped(block, residual if i == start - 1 else None, as_tuple)
+        with torch.no_grad(), patch(model, patches or {}):
+            return base(input_ids, use_cache=False).last_hidden_state
+    finally:
+        for i, block in enumerate(skipped):
+            blocks[i] = block
+
+
+def final_logits(
+    model: PreTrainedModel, hidden: Float[Tensor, "*rows d_model"]
+) -> Float[Tensor, "*rows vocab"]:
+    """The LM head on final hidden states (`run_blocks_from`'s output, or rows of it), with
+    Gemma 2's logit soft-capping: the logits the causal LM returns for those positions."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class _Skipped(nn.Module):
+    """Stands in for a skipped block: passes its input on (or hands out the given residual)."""
+
+    def __init__(self, block: nn.Module, residual: Tensor | None, as_tuple: bool) -> None:
+        super().__init__()
+        self.residual, self.as_tuple = residual, as_tuple
+        # Families that read a per-block attribute in their loop (Gemma 2's attention type)
+        # find it here too; the block itself is not registered, so it is not a submodule.
+        for name in ("attention_type", "layer_type", "is_sliding", "layer_idx"):
+            if hasattr(block, name):
+                setattr(self, name, getattr(block, name))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = hidden if self.residual is None else self.residual.to(hidden.dtype)
+        return (out,) if self.as_tuple else out
+
+
+_RETURNS_TUPLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per model: do its blocks return `(hidden, ...)` (older transformers) or the hidden states?"""
+
+
+def _note_output_form(model: PreTrainedModel) -> Callable[..., None]:
+    def note(_: nn.Module, args: tuple, output: Any) -> None:
+        _RETURNS_TUPLES[model] = isinstance(output, tuple)
+
+    return note
+
+
+def _blocks_return_tuples(model: PreTrainedModel, blocks: nn.ModuleList, input_ids: Tensor) -> bool:
+    """Whether this model's blocks return `(hidden, ...)` rather than the hidden states: seen on
+    a full pass (start 0), else once per model on a one-token pass stopped after block 0."""
+    if model not in _RETURNS_TUPLES:
+        stopper = _StopForward()
+        note_form = _note_output_form(model)
+
+        def note(module: nn.Module, args: tuple, output: Any) -> None:
+            note_form(module, args, output)
+            raise stopper
+
+        handle = blocks[0].register_forward_hook(note, prepend=True)
+        try:
+            with torch.no_grad():
+                model.base_model(input_ids[:1, :1], use_cache=False)
+        except _StopForward as raised:
+            if raised is not stopper:
+                raise
+        finally:
+            handle.remove()
+    return _RETURNS_TUPLES.get(model, False)
 
 
 def _resolve_all(model: PreTrainedModel, names: Sequence[str]) -> dict[str, HookPoint]:

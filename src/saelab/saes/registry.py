@@ -37,12 +37,14 @@ architecture_class = ARCHITECTURES.lookup
 def sae_folder_name(cfg: SAEConfig) -> str:
     """The SAE's folder inside its run: ``cfg.name``, else ``HOOK-ARCH-WIDTH-SETTING`` with
     ``WIDTH`` ``x16`` (expansion) or ``w4096`` (width) and the architecture's
-    :meth:`~saelab.saes.base.SparseAutoencoder.folder_setting` (``k32``, ``l1_5``, ...)."""
+    :meth:`~saelab.saes.base.SparseAutoencoder.folder_setting` (``k32``, ``l1_5``, ...); an SAE
+    with its own ``seed`` gets ``-seedN`` after either."""
+    seed = "" if cfg.seed is None else f"-seed{cfg.seed}"
     if cfg.name:
-        return cfg.name
+        return cfg.name + seed
     setting = architecture_class(cfg.architecture).folder_setting(cfg)
     width = f"w{cfg.width}" if cfg.width else f"x{cfg.expansion}"
-    return f"{cfg.hook}-{cfg.architecture}-{width}-{setting}"
+    return f"{cfg.hook}-{cfg.architecture}-{width}-{setting}{seed}"
 
 
 def check_sae_config(cfg: SAEConfig) -> None:
@@ -53,9 +55,14 @@ def check_sae_config(cfg: SAEConfig) -> None:
 
 def check_run_saes(saes: Sequence[SAEConfig]) -> None:
     """:func:`check_sae_config` for each SAE of a run, and no two sharing a folder."""
+    from saelab.saes.replacement import check_layered_sae, set_folder_name
+
     for cfg in saes:
-        check_sae_config(cfg)
-    names = [sae_folder_name(s) for s in saes]
+        if cfg.layers is not None:  # a replacement set: its members are checked as it expands
+            check_layered_sae(cfg)
+        else:
+            check_sae_config(cfg)
+    names = [set_folder_name(s) if s.layers is not None else sae_folder_name(s) for s in saes]
     shared = sorted({n for n in names if names.count(n) > 1})
     require(
         not shared,

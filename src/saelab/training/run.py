@@ -53,7 +53,8 @@ def build_saes(
     device: str | None = None,
 ) -> list[SparseAutoencoder]:
     """The SAEs of ``cfg`` (only those at ``indices``, default all) on ``device`` (default
-    ``model.device``); SAE ``i`` is seeded with ``seed + i`` wherever it is built."""
+    ``model.device``); SAE ``i`` is seeded with ``seed + i`` wherever it is built (or with its
+    own ``sae.seed``, as ``saelab sweep --seeds`` sets)."""
     saes = []
     for i in range(len(cfg.saes)) if indices is None else indices:
         sae_cfg = cfg.saes[i]
@@ -61,7 +62,8 @@ def build_saes(
         # A transcoder's output width is its output hook's; other SAEs reconstruct their input.
         out = sae_cfg.output_hook
         widths = {} if out is None else {"d_out": d_in_by_hook[out]}
-        sae = cls(sae_cfg, d_in_by_hook[sae_cfg.hook], seed=cfg.seed + i, **widths)
+        seed = cfg.seed + i if sae_cfg.seed is None else sae_cfg.seed
+        sae = cls(sae_cfg, d_in_by_hook[sae_cfg.hook], seed=seed, **widths)
         saes.append(sae.to(device or cfg.model.device))
     return saes
 
@@ -209,7 +211,8 @@ def run_config_for(cfg: RunConfig, out_dir: str | Path, resume: bool) -> RunConf
         saved_cfg = load_run_config(saved)
         check_run_saes(saved_cfg.saes)
         return saved_cfg
-    if (out_dir / CONFIG_FILENAME).exists() and any(out_dir.glob("*/cfg.json")):
+    finished = any(out_dir.glob("*/cfg.json")) or any(out_dir.glob("*/replacement.json"))
+    if (out_dir / CONFIG_FILENAME).exists() and finished:
         raise SaelabError(
             f"{out_dir} already holds a finished run; pass --resume to continue it or "
             "choose another --out"
@@ -228,6 +231,27 @@ def run_output_bytes(saes: list[SparseAutoencoder], train: Any) -> int:
     return weights * (1 + (3 * CHECKPOINTS_HELD if train.checkpoint_every_tokens else 0))
 
 
+def expand_run(cfg: RunConfig) -> tuple[RunConfig, int | None]:
+    """``cfg`` with each ``[[sae]]`` that has ``layers`` expanded into its members (one
+    transcoder per layer, or one cross-layer transcoder) and, for such a run, the shuffle buffer
+    lowered to fit :data:`~saelab.saes.replacement.BUFFER_BUDGET_BYTES`; and the model's layer
+    count (None for a run without ``layers``). The model is read from its config only."""
+    from saelab.models.hookpoints import n_layers
+    from saelab.saes.replacement import expand_layered_saes, fit_buffer, has_layered_saes
+    from saelab.training.validate import model_skeleton
+
+    if not has_layered_saes(cfg):
+        return cfg, None
+    skeleton = model_skeleton(cfg.model.name)
+    layers = n_layers(skeleton)
+    expanded = expand_layered_saes(cfg, layers)
+    check_run_saes(expanded.saes)
+    expanded, note = fit_buffer(expanded, {h: hook_dim(skeleton, h) for h in expanded.hooks})
+    if note:
+        log.warning(note)
+    return expanded, layers
+
+
 def fit_run(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -242,6 +266,8 @@ def fit_run(
     ``dist`` (a torchrun job) the SAEs are this process's (all, or its own in ``sae`` mode)."""
     out_dir = Path(out_dir)
     cfg = run_config_for(cfg, out_dir, resume)
+    asked = cfg  # what config.toml keeps; a layered [[sae]] trains its expanded members
+    cfg, model_layers = expand_run(cfg)
     dist = dist or Distributed()
     dist.check(cfg)
     device = dist.device_for(cfg.model.device)
@@ -257,6 +283,8 @@ def fit_run(
             )
         else:
             stream, d_in_by_hook, metadata = _model_source(cfg, dist, device)
+            if isinstance(stream, ActivationStream):  # refills show their own bar
+                stream.progress = progress and dist.is_main
         owned = dist.owned(len(cfg.saes))
         saes = build_saes(cfg, d_in_by_hook, owned, device)
         if dist.is_main:  # before the first step; the space is what the run will write
@@ -265,7 +293,7 @@ def fit_run(
             saes, cfg.train, out_dir, progress=progress, metadata=metadata, dist=dist, sae_ids=owned
         )
         if dist.is_main:
-            write_text(out_dir / CONFIG_FILENAME, dump_run_config(cfg))
+            write_text(out_dir / CONFIG_FILENAME, dump_run_config(asked))
         if resume and not trainer.resume(stream):
             log.warning("no checkpoint in %s; starting from the beginning", out_dir)
     results = trainer.fit(stream)
@@ -284,6 +312,10 @@ def fit_run(
             for i, s, st in zip(owned, saes, trainer.states, strict=True)
         ]
     )
+    if dist.is_main and model_layers is not None:
+        from saelab.saes.replacement import write_layered_manifests
+
+        write_layered_manifests(asked, out_dir, model_layers)
     if dist.is_main:
         write_json(
             out_dir / RESOLVED_FILENAME,

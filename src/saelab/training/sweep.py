@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -41,6 +42,7 @@ from saelab.saes.registry import sae_folder_name
 from saelab.training.distributed import Distributed, distributed_session
 from saelab.training.interruptions import interruptions_reported
 from saelab.training.run import fit_run, run_config_for
+from saelab.training.trainer import _inputs
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +94,15 @@ def held_out_metrics(
         # This process's rows of the first take_all of the global batch.
         take = min(max(take_all - rank * rows, 0), rows)
         for sae, stat in zip(saes, stats, strict=True) if take else ():
-            target = _target_hook(sae)
-            scale = float(scales.get(target, 1.0))
-            x_BD = batch[sae.cfg.hook][:take]
+            # A cross-layer transcoder reads and predicts several hooks, each with its scale.
+            targets = getattr(sae, "output_hooks", None) or [_target_hook(sae)]
+            scale = torch.cat(
+                [batch[h].new_full((batch[h].shape[-1],), scales.get(h, 1.0)) for h in targets]
+            )
+            x_BD = _inputs(sae, batch)[:take]
             feats = sae.encode_normalised(x_BD)
             recon_BO = sae.predict_normalised(x_BD, feats)
-            y_BO = batch[target][:take]
+            y_BO = torch.cat([batch[h][:take] for h in targets], -1)
             stat.update(y_BO / scale, recon_BO / scale, feats.l0_per_token(), feats.fired_counts())
         seen += take_all
         bar.update(take_all)
@@ -105,20 +110,43 @@ def held_out_metrics(
     return [dist.reduce_stats_(stat).compute() for stat in stats]
 
 
+def with_seeds(cfg: RunConfig, seeds: int) -> RunConfig:
+    """``cfg`` with every ``[[sae]]`` repeated ``seeds`` times, copy ``j`` with its own seed
+    ``cfg.seed + j`` (and folder ``...-seed{cfg.seed + j}``); ``seeds = 1`` leaves ``cfg`` as it
+    is. All copies train from the same batches, so the model still runs once."""
+    if seeds < 1:
+        raise SaelabError(f"--seeds must be positive, got {seeds}")
+    if seeds == 1:
+        return cfg
+    seeded = [s for s in cfg.saes if s.seed is not None]
+    if seeded:
+        raise SaelabError(
+            f"an [[sae]] of the run already has seed = {seeded[0].seed}; remove `seed` from the "
+            "file to train it under --seeds, or drop --seeds"
+        )
+    copies = tuple(
+        dataclasses.replace(sae, seed=cfg.seed + j) for sae in cfg.saes for j in range(seeds)
+    )
+    return dataclasses.replace(cfg, saes=copies)
+
+
 def sweep_run(
     cfg: RunConfig,
     out_dir: str | Path,
     *,
     eval_tokens: int = 16_384,
+    seeds: int = 1,
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train every SAE of ``cfg`` in one pass, measure each on held-out activations, and write
-    ``OUT/summary.json``; returns the summary. Under torchrun every process calls this and gets
-    the whole summary."""
+    """Train every SAE of ``cfg`` in one pass (each under ``seeds`` seeds: :func:`with_seeds`),
+    measure each on held-out activations, and write ``OUT/summary.json``; returns the summary.
+    Under torchrun every process calls this and gets the whole summary."""
     if eval_tokens < 1:
         raise SaelabError(f"--eval-tokens must be positive, got {eval_tokens}")
     out_dir = Path(out_dir)
+    if not resume:  # a resumed sweep reads its saved config, which holds the seeded copies
+        cfg = with_seeds(cfg, seeds)
     cfg = run_config_for(cfg, out_dir, resume)
     with distributed_session(cfg.train.distributed, cfg.model.device) as dist:
         return _sweep(cfg, out_dir, eval_tokens, resume, progress, dist)
@@ -154,6 +182,7 @@ def _sweep(
                     "folder": folder,
                     "hook": sae.cfg.hook,
                     "architecture": sae.architecture,
+                    "seed": sae.cfg.seed,
                     "output_hook": sae.cfg.output_hook,
                     "d_in": sae.d_in,
                     "d_sae": sae.d_sae,

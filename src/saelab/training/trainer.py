@@ -98,8 +98,19 @@ def _param_groups(sae: SparseAutoencoder) -> list[dict[str, Any]]:
     return groups
 
 
+def _inputs(sae: SparseAutoencoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What an SAE reads: its hook's batch; an SAE that declares ``input_hooks`` (a cross-layer
+    transcoder) gets those hooks' batches concatenated along the width."""
+    hooks = getattr(sae, "input_hooks", None)
+    return batch[sae.cfg.hook] if hooks is None else torch.cat([batch[h] for h in hooks], -1)
+
+
 def _target(sae: SparseAutoencoder, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """What a transcoder predicts (its output hook's batch); None for an autoencoder."""
+    """What a transcoder predicts (its output hook's batch, or its ``output_hooks``'
+    concatenated); None for an autoencoder."""
+    hooks = getattr(sae, "output_hooks", None)
+    if hooks is not None:
+        return torch.cat([batch[h] for h in hooks], -1)
     return None if sae.cfg.output_hook is None else batch[sae.cfg.output_hook]
 
 
@@ -186,7 +197,7 @@ class Trainer:
                 if self.step == 0:
                     self._init_from_first_batch(batch, stream)
                 for state in self.states:
-                    self._train_step(state, batch[state.sae.cfg.hook], _target(state.sae, batch))
+                    self._train_step(state, _inputs(state.sae, batch), _target(state.sae, batch))
                 self.step += 1
                 self.tokens += self._batch_tokens(batch) * self.dist.data_world
                 self._resample_if_due()
@@ -205,6 +216,17 @@ class Trainer:
         whole: dict[str, torch.Tensor] = {}  # the whole first batch of a hook, over processes
         for state in self.states:
             hook = state.sae.cfg.hook
+            multi = getattr(state.sae, "input_hooks", None)
+            if multi is not None:  # reads several hooks (a cross-layer transcoder)
+                missing = [h for h in (*multi, *state.sae.output_hooks) if h not in batch]
+                if missing:
+                    raise SaelabError(
+                        f"SAE {state.folder} needs hook {missing[0]!r} but the stream yields "
+                        f"{sorted(batch)}; add the hook to the stream"
+                    )
+                state.sae.set_hook_scales_(scales)
+                self.dist.broadcast_module_(state.sae)
+                continue
             if hook not in batch:
                 raise SaelabError(
                     f"SAE {state.folder} needs hook {hook!r} but the stream yields "

@@ -45,11 +45,18 @@ def check_run(cfg: RunConfig) -> RunCheck:
         note = "training reads the activation cache; its hooks are checked when the run starts"
         return RunCheck(cfg, f"(not read: activations from {folder})", None, [note])
     model = model_skeleton(cfg.model.name)
+    notes = []
+    if any(s.layers is not None for s in cfg.saes):  # replacement sets: their members' hooks
+        from saelab.saes.replacement import expand_layered_saes
+
+        members = expand_layered_saes(cfg, n_layers(model))
+        notes.append(f"sae.layers expands to {len(members.saes)} SAE(s) trained from one pass")
+        cfg = members
     widths = {hook: hook_dim(model, hook) for hook in cfg.hooks}  # unknown hook: one line
     family = model_family(model)
     shape = f"{n_layers(model)} layers" if family is not None else "unknown family: module paths"
     about = f"{cfg.model.name} ({model.config.model_type}, {shape}; config only, no weights read)"
-    return RunCheck(cfg, about, widths)
+    return RunCheck(cfg, about, widths, notes)
 
 
 def model_skeleton(name: str) -> PreTrainedModel:

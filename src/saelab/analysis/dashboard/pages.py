@@ -138,14 +138,15 @@ INDEX_JS = r"""
 """.strip()
 
 
-def page(title: str, body: str, script: str = "") -> str:
-    """A whole HTML document: inline CSS (and script), no external resources."""
+def page(title: str, body: str, script: str = "", css: str = PAGE_CSS) -> str:
+    """A whole HTML document: inline CSS (the site's unless ``css`` is given) and script, no
+    external resources."""
     js = f"<script>{script}</script>" if script else ""
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         '<link rel="icon" href="data:,">'  # no favicon request: nothing outside the folder
-        f"<title>{esc(title)}</title><style>{PAGE_CSS}</style></head>"
+        f"<title>{esc(title)}</title><style>{css}</style></head>"
         f"<body>{body}{js}</body></html>\n"
     )
 

@@ -39,7 +39,7 @@ from saelab.models.hookpoints import hook_dim
 from saelab.models.intervene import run_to_hooks
 from saelab.models.loading import load_model
 from saelab.outputs import check_output_location
-from saelab.saes.base import SparseAutoencoder
+from saelab.saes.base import SparseAutoencoder, SparseFeatureActs
 from saelab.saes.storage import load_sae, read_sae_cfg
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 SKIP_POSITIONS = 1
 """Leading positions never scored: position 0 holds BOS, the attention-sink outlier (§7.1)."""
 DENSE_BUDGET = 2**25
-"""Floats in one dense ``[tokens, d_sae]`` block of feature activations (128 MiB)."""
+"""Tokens × d_sae of one encoded block (a dense-output SAE's ``[tokens, d_sae]`` is 128 MiB)."""
 
 
 def _decode_vocab(tokenizer: Any, ids: list[int]) -> dict[str, str]:
@@ -153,8 +153,12 @@ def compute_feature_stats(
     specials = special_token_ids(tokenizer)
     batches = TokenBatches(text, tokenizer, context=context, batch_size=batch_size, seed=seed)
     n_sequences = math.ceil(tokens / context)  # the last batch is cut to this many
-    # Whole sequences per dense encode, so windows never straddle two blocks.
+    # Whole sequences per encode, so windows never straddle two blocks.
     seqs_per_block = max(1, DENSE_BUDGET // (context * sae.d_sae))
+    column_F = None  # feature id -> its column among the selected ones (-1: not selected)
+    if features is not None:
+        column_F = torch.full((sae.d_sae,), -1, dtype=torch.int64, device=run_device)
+        column_F[ids_F.to(run_device)] = torch.arange(len(ids_F), device=run_device)
     all_tokens: list[Tensor] = []
     bar = tqdm(
         total=n_sequences * context,
@@ -175,13 +179,13 @@ def compute_feature_stats(
         x_NPD = run_to_hooks(model, tokens_NP, [sae.cfg.hook])[sae.cfg.hook]
         for start in range(0, len(tokens_NP), seqs_per_block):
             keep_nP = keep_NP[start : start + seqs_per_block]
-            x_nPD = x_NPD[start : start + seqs_per_block]
-            feats_TF = sae.encode(x_nPD[keep_nP].float())
-            if features is not None:
-                feats_TF = feats_TF[:, ids_F.to(run_device)]
-            acts_nPF = x_nPD.new_zeros(*keep_nP.shape, len(ids_F), dtype=torch.float32)
-            acts_nPF[keep_nP] = feats_TF
-            stats.update_(acts_nPF, int(keep_nP.sum()), first_seq + start)
+            tok_E, feat_E, value_E = _firings(sae, x_NPD[start : start + seqs_per_block], keep_nP)
+            if column_F is not None:
+                feat_E = column_F[feat_E]
+                chosen_E = feat_E >= 0
+                tok_E, feat_E, value_E = tok_E[chosen_E], feat_E[chosen_E], value_E[chosen_E]
+            P = keep_nP.shape[1]
+            stats.update_firings_(tok_E, feat_E, value_E, P, int(keep_nP.sum()), first_seq + start)
         first_seq += len(tokens_NP)
         bar.update(tokens_NP.numel())
         bar.set_postfix(scored=stats.n_tokens, l0=f"{stats.n_fired / max(stats.n_tokens, 1):.1f}")
@@ -236,6 +240,33 @@ def compute_feature_stats(
         "vocab": _decode_vocab(tokenizer, torch.unique(used_ids).tolist()),
     }
     return FeatureStats(tensors, meta)
+
+
+def _firings(
+    sae: SparseAutoencoder, x_nPD: Tensor, keep_nP: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The firings (token, feature, value > 0) of the scored tokens of whole sequences, tokens
+    numbered ``sequence · P + position``, sorted by (token, feature) as a dense ``nonzero`` is.
+
+    A TopK-like SAE's (index, value) pairs are used as they come: its ``[tokens, F]`` activations
+    are never made (writing and scanning them cost more than the encoder GEMM at 9k features).
+    """
+    row_T = keep_nP.reshape(-1).nonzero().squeeze(1)  # scored tokens' numbers in the block
+    # As SparseAutoencoder.encode scales and casts, so the values are the same bits.
+    x_TD = x_nPD[keep_nP].float().reshape(-1, sae.d_in).to(sae.W_enc.dtype)
+    feats = sae.encode_normalised(x_TD * sae.activation_scale)
+    if isinstance(feats, SparseFeatureActs):
+        vals_TK = feats.vals_BK.float()
+        fired_TK = vals_TK > 0
+        K = vals_TK.shape[1]
+        tok_E = row_T.repeat_interleave(K).view(-1, K)[fired_TK]
+        feat_E = feats.idx_BK.long()[fired_TK]
+        value_E = vals_TK[fired_TK]
+        order_E = torch.argsort(tok_E * sae.d_sae + feat_E)
+        return tok_E[order_E], feat_E[order_E], value_E[order_E]
+    acts_TF = feats.to_dense().float()
+    tok_E, feat_E = (acts_TF > 0).nonzero(as_tuple=True)
+    return row_T[tok_E], feat_E, acts_TF[tok_E, feat_E]
 
 
 def _tensors_of(

@@ -19,12 +19,14 @@ it). At the end ``M`` is within a factor 2 of the max, so 16 to 32 histogram bin
 quantile intervals cover ``[0, max]``.
 
 Context windows are gathered while the examples enter the top-K or a reservoir, from the very
-activations they were ranked by, so a window's activation at its ranked token equals the
-example's value exactly, with no second model pass.
+activations they were ranked by (looked up among the batch's firings: a TopK SAE's activations
+never exist as a dense ``[tokens, F]`` block), so a window's activation at its ranked token equals
+the example's value exactly, with no second model pass.
 
 Example:
     >>> stats = _RunningStats(16, top_k=4, n_quantile=2, window=(2, 1), device="cpu", seed=0)
     >>> stats.update_(torch.rand(3, 8, 16), n_scored=24, first_seq=0)   # 3 sequences of 8
+    >>> stats.update_firings_(tok_E, feat_E, value_E, P=8, n_scored=24, first_seq=3)  # sparse
 """
 
 from __future__ import annotations
@@ -115,16 +117,32 @@ class _RunningStats:
 
     @torch.no_grad()
     def update_(self, acts_NPF: Float[Tensor, "N P F"], n_scored: int, first_seq: int) -> None:
-        """Fold in feature activations of ``N`` whole sequences (zero where not scored).
-
-        Everything but the windows works on the firings alone (token, feature, value), which
-        are ~L0 per token instead of F: dense reductions over ``[tokens, F]`` cost more than the
-        model's forward pass at 10k+ features.
-        """
+        """Fold in dense feature activations of ``N`` whole sequences (zero where not scored):
+        their firings, in (token, feature) order, go to :meth:`update_firings_`."""
         N, P, F = acts_NPF.shape
         acts_TF = acts_NPF.reshape(N * P, F)
         tok_E, feat_E = (acts_TF > 0).nonzero(as_tuple=True)
-        value_E = acts_TF[tok_E, feat_E]
+        self.update_firings_(tok_E, feat_E, acts_TF[tok_E, feat_E], P, n_scored, first_seq)
+
+    @torch.no_grad()
+    def update_firings_(
+        self,
+        tok_E: Int[Tensor, " E"],
+        feat_E: Int[Tensor, " E"],
+        value_E: Float[Tensor, " E"],
+        P: int,
+        n_scored: int,
+        first_seq: int,
+    ) -> None:
+        """Fold in the firings (token, feature, value > 0) of whole sequences of ``P`` tokens,
+        token ``t`` being position ``t % P`` of sequence ``first_seq + t // P``, sorted by
+        (token, feature): the order of a dense ``nonzero``, so ties and random keys fall alike.
+
+        Everything works on the firings alone (~L0 per token instead of F): dense reductions
+        over ``[tokens, F]`` cost more than the model's forward pass at 10k+ features, and the
+        context windows are looked up among the firings too.
+        """
+        F = self.fired_F.shape[0]
         self.n_tokens += n_scored
         self.n_fired += len(value_E)
         self.fired_F += torch.bincount(feat_E, minlength=F)
@@ -138,39 +156,45 @@ class _RunningStats:
         self.hist_FH.view(-1).index_add_(
             0, feat_E * HIST_BINS + bin_E, torch.ones_like(bin_E, dtype=torch.int64)
         )
-        firings = (acts_TF, tok_E, feat_E, value_E, P, first_seq)
+        firings = (tok_E * F + feat_E, tok_E, feat_E, value_E, P, first_seq)
         self._offer_(self.top, feat_E, value_E, firings)
         interval_E = (frac_E * QUANTILE_BUCKETS).long().clamp_(0, QUANTILE_BUCKETS - 1)
-        key_E = torch.rand(len(tok_E), generator=self.generator).to(acts_TF.device)
+        key_E = torch.rand(len(tok_E), generator=self.generator).to(value_E.device)
         self._offer_(self.quantiles, feat_E * QUANTILE_BUCKETS + interval_E, key_E, firings)
 
     def _offer_(self, slots: _Slots, group_E: Tensor, key_E: Tensor, firings: tuple) -> None:
         """Let every firing compete, by ``key_E``, for a slot of its group (row of ``slots``)."""
-        acts_TF, tok_E, feat_E, value_E, P, first_seq = firings
+        cell_E, tok_E, feat_E, value_E, P, first_seq = firings
         if len(tok_E) == 0:
             return
         # Only the batch's n best keys per group can enter; their windows are gathered now,
         # from the activations they were ranked by.
         src_S, group_S, rank_S = _top_n_per_group(group_E, key_E, slots.key.shape[1])
         rows_U, slot_S = torch.unique_consecutive(group_S, return_inverse=True)
-        new = _Slots(len(rows_U), slots.key.shape[1], len(self.offsets_W), acts_TF.device)
+        new = _Slots(len(rows_U), slots.key.shape[1], len(self.offsets_W), value_E.device)
         tok_S = tok_E[src_S]
         new.key[slot_S, rank_S] = key_E[src_S]
         new.value[slot_S, rank_S] = value_E[src_S]
         new.seq[slot_S, rank_S] = first_seq + tok_S // P
         new.pos[slot_S, rank_S] = tok_S % P
-        new.acts[slot_S, rank_S] = self._windows(acts_TF, tok_S, feat_E[src_S], P)
+        new.acts[slot_S, rank_S] = self._windows(cell_E, value_E, tok_S, feat_E[src_S], P)
         slots.merge_(rows_U, new.fields())
 
     def _windows(
-        self, acts_TF: Tensor, tok_E: Tensor, feat_E: Tensor, P: int
-    ) -> Float[Tensor, "E W"]:
-        """Each entry's feature activations on its window, NaN outside its sequence."""
-        pos_E = tok_E % P
-        pos_EW = pos_E[:, None] + self.offsets_W
-        inside_EW = (pos_EW >= 0) & (pos_EW < P)
-        rows_EW = (tok_E - pos_E)[:, None] + pos_EW.clamp(0, P - 1)
-        return acts_TF[rows_EW, feat_E[:, None]].masked_fill(~inside_EW, math.nan)
+        self, cell_E: Tensor, value_E: Tensor, tok_S: Tensor, feat_S: Tensor, P: int
+    ) -> Float[Tensor, "S W"]:
+        """Each entry's feature activations on its window, NaN outside its sequence: looked up
+        among the firings (``cell_E`` = token·F + feature, ascending), 0 where it did not fire."""
+        F = self.fired_F.shape[0]
+        pos_S = tok_S % P
+        pos_SW = pos_S[:, None] + self.offsets_W
+        inside_SW = (pos_SW >= 0) & (pos_SW < P)
+        rows_SW = (tok_S - pos_S)[:, None] + pos_SW.clamp(0, P - 1)
+        want_SW = rows_SW * F + feat_S[:, None]
+        at_SW = torch.searchsorted(cell_E, want_SW).clamp_(max=len(cell_E) - 1)
+        found_SW = cell_E[at_SW] == want_SW
+        acts_SW = torch.where(found_SW, value_E[at_SW], value_E.new_zeros(()))
+        return acts_SW.masked_fill(~inside_SW, math.nan)
 
     def _grow_envelopes_(self, batch_max_F: Tensor) -> None:
         """Raise each envelope above the batch's max, merging bins and reservoirs to match."""

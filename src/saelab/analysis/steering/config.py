@@ -159,6 +159,12 @@ class SteerConfig:
     transfer_model: str | None = None
     """Also apply the vector to this model (same d_model, e.g. base → chat) and report the
     effect retained."""
+    explain_with: str | None = None
+    """A saved SAE folder at the vector's hook: report the vector's top features in it (encoded,
+    and least squares on the decoder rows), each with its density, and the share of the vector
+    carried by dense features (density > 10 % and > 1 %)."""
+    explain_top: int = 10
+    """Features listed per decomposition with ``explain_with``."""
 
     def __post_init__(self) -> None:
         require(
@@ -181,6 +187,7 @@ class SteerConfig:
         require(self.neutral_tokens >= 0, "--neutral-tokens must be >= 0 (0 skips the cost)")
         require(self.context >= 2, f"--context must be at least 2, got {self.context}")
         require(self.max_new_tokens >= 1, "--max-new-tokens must be at least 1")
+        require(self.explain_top >= 1, f"--explain-top must be at least 1, got {self.explain_top}")
         require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         require(

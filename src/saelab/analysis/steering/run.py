@@ -28,6 +28,7 @@ from saelab.analysis.steering.apply import (
 from saelab.analysis.steering.build import build_vector
 from saelab.analysis.steering.config import SteerConfig
 from saelab.analysis.steering.data import ContrastPair, TextRows, read_pairs, read_text_rows
+from saelab.analysis.steering.explain import explain_with
 from saelab.analysis.steering.plot import plot_steer
 from saelab.analysis.steering.score import EFFECT_KEY, SWEEP_KEYS, sweep
 from saelab.analysis.steering.transfer import layer_transfer, model_transfer
@@ -169,6 +170,19 @@ def run_steer(cfg: SteerConfig, out: str | Path = "runs/steer", progress: bool =
     generations = _generations(cfg, model, tokenizer, vector, positions)
     reference = [row[EFFECT_KEY] for row in rows]
     transfer = _transfer(cfg, model, tokenizer, other, vector, positions, pairs, reference)
+    explanation = None
+    if cfg.explain_with is not None:
+        explanation = explain_with(
+            vector.vector,
+            cfg.explain_with,
+            model,
+            tokenizer,
+            hook=vector.hook,
+            top=cfg.explain_top,
+            general=cfg.neutral,
+            context=cfg.context,
+            seed=cfg.seed,
+        )
     result = steer_result(
         model=cfg.model,
         vector=vector,
@@ -181,6 +195,8 @@ def run_steer(cfg: SteerConfig, out: str | Path = "runs/steer", progress: bool =
         vector_dir=out / VECTOR_DIRNAME,
         config=dataclasses.asdict(cfg),
     )
+    if explanation is not None:
+        result["explain"] = explanation
     write_steer_result(result, out)
     log.info("steering results written to %s", out)
     return result
