@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__, NAME)
     p.add_argument("--tokens", type=int, default=12_288, help="default-text training tokens")
     p.add_argument("--ioi-tokens", type=int, default=4096, help="IOI-style training tokens")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--expansion", type=int, default=4)
-    p.add_argument("--prompts", type=int, default=12, help="prompts per task")
+    p.add_argument("--prompts", type=int, default=24, help="prompts per task")
     p.add_argument("--faithfulness", default="0,10,50", help="circuit sizes (seed 0, IOI)")
     args = p.parse_args(argv)
     out = setup(args, NAME)
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     high, low, k = (50, 10, 10) if not args.quick else (8, 2, 2)
     if args.quick:
         args.tokens, args.ioi_tokens, args.expansion, args.prompts = 768, 256, 2, 4
+        args.epochs = 1
         args.faithfulness = "0,2"
     dataset = dataset_for(args, out)
     words = {}  # the tiny tokenizer knows only w3 … w255

@@ -110,6 +110,8 @@ def test_dump_roundtrips_every_field_set_away_from_its_default(tmp_path):
         threshold_ema_lr=0.05,
         matryoshka_widths=(50, 100),
         name="mine",
+        layers=(0, 2),
+        seed=7,
     )
     # output_hook needs a transcoder architecture, which rules out some fields above.
     transcoder = SAEConfig(architecture="transcoder", output_hook="blocks.0.hook_mlp_out")

@@ -149,9 +149,7 @@ def test_running_from_any_block_with_its_clean_residual_gives_the_full_logits(fa
     model, ids = build_tiny_model(family), tokens()
     full = model(ids, use_cache=False).logits
     names = [
-        f"blocks.{layer}.hook_resid_{side}"
-        for layer in range(N_LAYERS)
-        for side in ("pre", "post")
+        f"blocks.{layer}.hook_resid_{side}" for layer in range(N_LAYERS) for side in ("pre", "post")
     ]
     with capture(model, names, stop=False) as acts:
         model(ids, use_cache=False)

@@ -66,7 +66,7 @@ def test_resample_warmup_variants_agree_until_the_first_resample(tmp_path):
 
 def test_mean_centring_writes_every_vector_share(tmp_path):
     numbers = run_quick("mean_centring", tmp_path)["numbers"]
-    assert set(numbers["kl"]) == {"raw", "centred", "raw_minus_dense"}
+    assert set(numbers["kl"]) == {"raw", "centred", "raw_minus_dense", "raw_minus_frequent"}
     # The centred vector of identical sets being 0 is asserted inside the script.
     assert all(r["density_source"] == "sparsity" for r in numbers["per_seed"])
 

@@ -206,14 +206,14 @@ def test_a_set_whose_widths_do_not_match_the_model_is_refused(tiny_model_dir, tm
 def test_a_small_set_on_the_default_model_trains_loads_and_splices(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--model", "default", "--arch", "topk_transcoder", "--set", "sae.layers=0,1"]
-    args += ["--expansion", "1", "--k", "8", "--tokens", "1024", "--batch-size", "256"]
-    args += ["--set", "data.buffer_size=1024", "--set", "data.norm_estimate_tokens=512"]
-    args += ["--set", "data.model_batch_size=4", "--out", str(out)]
+    args += ["--expansion", "1", "--k", "8", "--tokens", "512", "--batch-size", "256"]
+    args += ["--set", "data.buffer_size=512", "--set", "data.norm_estimate_tokens=256"]
+    args += ["--context", "32", "--set", "data.model_batch_size=8", "--out", str(out)]
     assert main(["-q", "train", *args]) == 0
     rep = load_replacement(out)
     assert (rep.n_layers, rep.layers, rep.d_in, rep.d_sae(1)) == (30, [0, 1], 576, 576)
     model, tokenizer = load_model("default")
-    result = evaluate_replacement(rep, model, tokenizer, tokens=512, context=64, progress=False)
+    result = evaluate_replacement(rep, model, tokenizer, tokens=256, context=32, progress=False)
     at_once = result["all_at_once"]
     assert at_once["ce_loss_clean"] <= at_once["ce_loss_spliced"]  # a 1k-token set loses some
     assert set(result["members"]) == {"0", "1"}

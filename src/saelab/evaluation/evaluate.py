@@ -3,8 +3,11 @@
 One pass over evaluation text computes everything: per token batch ONE clean forward pass
 captures every hook any of the SAEs needs; its activations feed each SAE's running
 reconstruction sums (METHODS §6.1) and its spliced pass, and one zero-ablated pass per hook
-(shared by all SAEs there) gives the ablated loss (§6.2). So N SAEs on H hooks cost
-``1 + N + H`` forward passes per batch instead of ``3N``; models load once per model name.
+(shared by all SAEs there) gives the ablated loss (§6.2). The spliced and ablated passes run
+only from the block the hook's change first reaches (the blocks before compute the same thing
+as in the clean pass), stacked into one batch, and the LM head, CE and KL are computed on chunks
+of positions (:mod:`.splice`). So N SAEs on H hooks cost one prefix and ``1 + N + H`` suffixes
+per batch instead of ``3N`` full passes; models load once per model name.
 
 ``metrics.json`` holds exactly :data:`METRIC_KEYS` (other tools read it as a contract); the
 further metrics (:data:`EXTRA_KEYS`: cosine similarity, L2 ratio, max decoder cosine, high-
@@ -164,12 +167,13 @@ def evaluate_saes(
 ) -> list[tuple[dict[str, float], dict[str, Any]]]:
     """Metrics of every SAE in ``saes`` (any hooks of ``model``) over the same token batches.
 
-    Per batch: one clean pass capturing every needed hook, one zero-ablated pass per splice
-    hook, one spliced pass per SAE. ``expected_norms`` (per SAE, E‖x‖ it was trained on) feeds
-    the normalisation check; by default it comes from each SAE's activation scale. With
-    ``check_reference`` the model's CE on the default corpus is measured (cached) to judge the
-    clean CE. Returns, per SAE, (metrics with exactly :data:`METRIC_KEYS`, information with
-    :data:`EXTRA_KEYS`, the sanity report and its ``warnings``).
+    Per batch: one clean pass capturing every needed hook, then from each splice hook on one
+    zero-ablated pass and one spliced pass per SAE there. ``expected_norms`` (per SAE, E‖x‖ it
+    was trained on) feeds the normalisation check; by default it comes from each SAE's
+    activation scale. With ``check_reference`` the model's CE on the default corpus is measured
+    (cached) to judge the clean CE. Returns, per SAE, (metrics with exactly
+    :data:`METRIC_KEYS`, information with :data:`EXTRA_KEYS`, the sanity report and its
+    ``warnings``).
 
     >>> (metrics, info), = evaluate_saes([sae], model, tokenizer, tokens=4096)
     """
