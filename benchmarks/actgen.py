@@ -27,31 +27,25 @@ import argparse
 import cProfile
 import io
 import json
-import logging
 import pstats
 import statistics
 import time
 
 import torch
-from transformers.utils import logging as hf_logging
 
+from _model_bench import default_batches, load, parser
 from saelab.config import DataConfig, RunConfig, SAEConfig, TrainConfig
-from saelab.data.text import TokenBatches
 from saelab.models.hookpoints import decoder_blocks, hook_layer
-from saelab.models.loading import load_model
 from saelab.training.run import model_activation_stream
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="default")
-    p.add_argument("--hook", default=SAEConfig().hook)
+    p = parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768], help="rows per stream")
     p.add_argument("--batch-size", type=int, default=1024, help="training batch (rows)")
     p.add_argument("--model-batch-size", type=int, default=DataConfig().model_batch_size)
     p.add_argument("--context", type=int, default=DataConfig().context)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--profile", action="store_true", help="print the stream's cProfile top 15")
     return p.parse_args(argv)
 
@@ -95,19 +89,15 @@ def bare_forward(model, layer: int, batches: list[torch.Tensor]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
-    logging.basicConfig(level=logging.WARNING)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load(args)
     layer = hook_layer(model, args.hook)
     tokens_per_forward = args.model_batch_size * args.context
     for size in args.sizes:
         cfg = run_config(args, size)
         _, n_forwards = stream_rows(model, tokenizer, cfg, size)  # warm-up; counts the passes
-        text = TokenBatches(
-            "default", tokenizer, context=args.context, batch_size=args.model_batch_size, seed=0
+        batches = default_batches(
+            tokenizer, n_forwards, context=args.context, batch_size=args.model_batch_size, seed=0
         )
-        batches = [next(text) for _ in range(n_forwards)]
         stream_s, bare_s = [], []
         for _ in range(args.rounds):
             bare_s.append(bare_forward(model, layer, batches))

@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 
 import torch
-from transformers.utils import logging as hf_logging
 
+from _model_bench import default_batches, load, parser
 from saelab.config import SAEConfig
 from saelab.data.activations import special_token_ids, token_mask
-from saelab.data.text import TokenBatches
 from saelab.evaluation.evaluate import evaluate_saes
 from saelab.evaluation.splice import (
     SpliceSums,
@@ -44,21 +42,17 @@ from saelab.evaluation.splice import (
 )
 from saelab.models.hookpoints import hook_dim, residual_entry
 from saelab.models.intervene import run_blocks_from, run_to_hooks
-from saelab.models.loading import load_model
 from saelab.saes import TopKSAE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="default")
-    p.add_argument("--hook", default=SAEConfig().hook)
+    p = parser(__doc__)
     p.add_argument("--tokens", type=int, default=1024, help="model tokens per measurement")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--saes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--expansion", type=int, default=16)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
     return p.parse_args(argv)
 
 
@@ -70,20 +64,16 @@ def timed(fn) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
-    logging.basicConfig(level=logging.WARNING)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load(args)
     d_in = hook_dim(model, args.hook)
     saes = [
         TopKSAE(SAEConfig(hook=args.hook, k=args.k, expansion=args.expansion), d_in, seed=i)
         for i in range(max(args.saes))
     ]
     n_batches = max(1, args.tokens // (args.batch_size * args.context))
-    text = TokenBatches(
-        "default", tokenizer, context=args.context, batch_size=args.batch_size, seed=1
+    batches = default_batches(
+        tokenizer, n_batches, context=args.context, batch_size=args.batch_size, seed=1
     )
-    batches = [next(text) for _ in range(n_batches)]
     tokens = n_batches * args.batch_size * args.context
     per_1k = 1000 / tokens
     specials = special_token_ids(tokenizer)

@@ -21,25 +21,25 @@ import math
 import torch
 
 from common import (
-    DEFAULT_HOOK,
     collect,
     figure,
     finish,
     fmt,
+    hook_for,
     load,
     mean_ci,
+    panel,
     parser,
     quick_text,
     setup,
     text_file,
+    topk_sae,
 )
-from saelab.config import SAEConfig
 from saelab.data.activations import special_token_ids, token_mask
 from saelab.data.text import TokenBatches
 from saelab.errors import SaelabError
 from saelab.evaluation.evaluate import evaluate_saes
 from saelab.evaluation.splice import next_token_ce
-from saelab.saes import TopKSAE
 
 NAME = "ce_sanity"
 CLAIM = "a CE ≥ 5 nats everywhere points at a short context or odd data, not at the model"
@@ -169,11 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Sanity warnings on broken set-ups, with an SAE (untrained: the warnings are about the
     # set-up, not the SAE) whose scale is that of the data.
-    sae_hook = "blocks.1.hook_resid_post" if args.quick else DEFAULT_HOOK
-    pool = collect(model, tokenizer, [sae_hook], 256, dataset=dataset)
+    pool = collect(model, tokenizer, [hook_for(args)], 256, dataset=dataset)
     hook = next(iter(pool.acts))
-    sae = TopKSAE(SAEConfig(hook=hook, architecture="topk", expansion=2, k=8),
-                  pool.acts[hook].shape[1], seed=0)  # fmt: skip
+    sae = topk_sae(hook, pool, 2, 8, seed=0)
     sae.activation_scale.fill_(pool.scales[hook])
     true_norm = math.sqrt(sae.d_in) / pool.scales[hook]
     permuted = text_file(out, "permuted_vocab.txt", permuted_text(tokenizer, dataset, 2048))
@@ -231,15 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
         ax2.plot(range(curve.shape[0]), curve.tolist(), lw=0.6, label=kind)
     ax1.axhline(4.3, color="grey", ls=":", label="GELU-1L at 128 (note)")
     ax1.set_xscale("log", base=2)
-    ax1.set_xlabel("context length")
-    ax1.set_ylabel("CE (nats)")
-    ax1.set_title("CE by context length")
-    ax1.legend(fontsize=7)
+    panel(ax1, "context length", "CE (nats)", "CE by context length")
     ax2.set_xscale("log")
-    ax2.set_xlabel("position")
-    ax2.set_ylabel("CE (nats), mean over seeds")
-    ax2.set_title("CE by position")
-    ax2.legend(fontsize=7)
+    panel(ax2, "position", "CE (nats), mean over seeds", "CE by position")
     return finish(
         args,
         out,

@@ -113,6 +113,18 @@ def dataset_for(args: argparse.Namespace, out: Path) -> str:
     return quick_text(out) if args.quick else "default"
 
 
+def hook_for(args: argparse.Namespace) -> str:
+    """The hook a one-hook experiment studies: layer 1 of the tiny model with ``--quick``, else
+    :data:`DEFAULT_HOOK`."""
+    return "blocks.1.hook_resid_post" if args.quick else DEFAULT_HOOK
+
+
+def cache_for(args: argparse.Namespace) -> Path | None:
+    """Where :func:`collect` keeps activations: :data:`ACTIVATION_CACHE` for full runs, nowhere
+    with ``--quick``."""
+    return None if args.quick else ACTIVATION_CACHE
+
+
 # ----- activations in memory ------------------------------------------------------------------
 
 
@@ -275,6 +287,27 @@ def train(saes, train_cfg, stream: PoolStream, out: Path | None = None) -> dict[
     return trainer.fit(stream)
 
 
+def topk_sae(hook: str, pool: Pool, expansion: int, k: int, seed: int):
+    """An untrained TopK SAE at ``hook``, as wide as ``pool``'s activations there."""
+    from saelab.config import SAEConfig
+    from saelab.saes import TopKSAE
+
+    cfg = SAEConfig(hook=hook, architecture="topk", expansion=expansion, k=k)
+    return TopKSAE(cfg, pool.acts[hook].shape[1], seed=seed)
+
+
+def train_epochs(
+    saes, pool: Pool, seed: int, epochs: int, out: Path | None = None, batch_size: int = 256
+) -> dict[str, Any]:
+    """Train ``saes`` together for ``epochs`` passes over ``pool`` in batches of ``batch_size``
+    (reshuffled each epoch from ``seed``); returns the trainer's results."""
+    from saelab.config import TrainConfig
+
+    stream = PoolStream(pool, batch_size, seed=seed, epochs=epochs)
+    cfg = TrainConfig(tokens=stream.steps() * batch_size, batch_size=batch_size)
+    return train(list(saes), cfg, stream, out)
+
+
 @torch.no_grad()
 def fvu_and_density(sae, x_ND: torch.Tensor, scale: float) -> dict[str, Any]:
     """Held-out FVU and per-feature density of ``sae`` on normalised rows ``x_ND``."""
@@ -351,6 +384,24 @@ def figure(n_panels: int = 1, width: float = 5.0, height: float = 3.6):
 
     fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), squeeze=False)
     return fig, list(axes[0])
+
+
+def panel(
+    ax,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+    legend: bool = True,
+) -> None:
+    """Label one panel (after everything is drawn on it) and give it the small legend."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=7)
 
 
 def finish(

@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from common import (
-    ACTIVATION_CACHE,
-    PoolStream,
+    cache_for,
     collect,
     dataset_for,
     figure,
@@ -29,12 +28,12 @@ from common import (
     load,
     mean_ci,
     paired,
+    panel,
     parser,
     setup,
-    train,
+    topk_sae,
+    train_epochs,
 )
-from saelab.config import SAEConfig, TrainConfig
-from saelab.saes import TopKSAE
 
 NAME = "dense_features"
 CLAIM = "SAEs trained on the residual stream learn several high-frequency (dense) features"
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     hooks = [f"blocks.{layer}.{t}" for layer in layers for t in HOOK_TYPES]
     pool = collect(model, tokenizer, hooks, args.tokens + args.heldout, seed=0,
                    dataset=dataset_for(args, out),
-                   cache=None if args.quick else ACTIVATION_CACHE)  # fmt: skip
+                   cache=cache_for(args))  # fmt: skip
     train_pool, held = pool.split(args.tokens)
     decoders: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     dense_ids: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
@@ -93,16 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     order = torch.randperm(held.n, generator=torch.Generator().manual_seed(0))
     shuffled_ids = held.token_ids[order]
     for seed in range(args.seeds):
-        saes = [
-            TopKSAE(
-                SAEConfig(hook=h, architecture="topk", expansion=args.expansion, k=args.k),
-                pool.acts[h].shape[1],
-                seed=seed,
-            )  # fmt: skip
-            for h in hooks
-        ]
-        stream = PoolStream(train_pool, 256, seed=seed, epochs=args.epochs)
-        train(saes, TrainConfig(tokens=stream.steps() * 256, batch_size=256), stream)
+        saes = [topk_sae(h, pool, args.expansion, args.k, seed) for h in hooks]
+        train_epochs(saes, train_pool, seed, args.epochs)
         for hook, sae in zip(hooks, saes, strict=True):
             with torch.no_grad():
                 feats = sae.eval().encode(held.acts[hook] / pool.scales[hook])
@@ -212,17 +203,16 @@ def main(argv: list[str] | None = None) -> dict:
                 yerr=[s["ci95"] if s["n"] > 1 else 0 for s in stats], capsize=3,
                 label=t.removeprefix("hook_"))  # fmt: skip
     ax1.set_xticks([i + width for i in range(len(layers))], [f"layer {L}" for L in layers])
-    ax1.set_ylabel(f"dense features (> 10 %) of {pool.acts[hooks[0]].shape[1] * args.expansion}")
-    ax1.set_title(f"TopK x{args.expansion} k{args.k}, {args.seeds} seeds")
-    ax1.legend(fontsize=7)
+    panel(
+        ax1,
+        ylabel=f"dense features (> 10 %) of {pool.acts[hooks[0]].shape[1] * args.expansion}",
+        title=f"TopK x{args.expansion} k{args.k}, {args.seeds} seeds",
+    )
     for t, marker in zip(HOOK_TYPES, "os^", strict=True):
         rows = [r for L in layers for e in per_hook[f"blocks.{L}.{t}"] for r in e["dense"]]
         ax2.scatter([abs(r["corr_position"]) for r in rows], [r["eta2_token"] for r in rows],
                     marker=marker, alpha=0.6, label=t.removeprefix("hook_"))  # fmt: skip
-    ax2.set_xlabel("|corr(activation, position)|")
-    ax2.set_ylabel("token-identity η²")
-    ax2.set_title("what dense features track")
-    ax2.legend(fontsize=7)
+    panel(ax2, "|corr(activation, position)|", "token-identity η²", "what dense features track")
     return finish(
         args,
         out,

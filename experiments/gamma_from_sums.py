@@ -27,6 +27,7 @@ from common import (
     fmt,
     load,
     mean_ci,
+    panel,
     parser,
     setup,
     train,
@@ -219,18 +220,13 @@ def main(argv: list[str] | None = None) -> dict:
              label="fitted")  # fmt: skip
     ax1.set_xticks(range(len(archs)), archs, rotation=60, ha="right", fontsize=7)
     ax1.axhline(1, color="grey", lw=0.5)
-    ax1.set_ylabel("γ")
-    ax1.set_title("γ per architecture")
-    ax1.legend(fontsize=7)
+    panel(ax1, None, "γ", "γ per architecture")
     xs = list(L1_COEFFICIENTS)
     for seed in range(args.seeds):
         ax2.plot(xs, [trend[str(c)][seed]["gamma_sums"] for c in xs], "o-", alpha=0.6,
                  label=f"seed {seed}")  # fmt: skip
     ax2.set_xscale("log")
-    ax2.set_xlabel("L1 coefficient")
-    ax2.set_ylabel("γ (ReLU)")
-    ax2.set_title("γ against the L1 coefficient")
-    ax2.legend(fontsize=7)
+    panel(ax2, "L1 coefficient", "γ (ReLU)", "γ against the L1 coefficient")
     return finish(
         args,
         out,

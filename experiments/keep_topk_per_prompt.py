@@ -26,22 +26,23 @@ from __future__ import annotations
 import torch
 
 from common import (
-    ACTIVATION_CACHE,
-    DEFAULT_HOOK,
     Pool,
-    PoolStream,
+    cache_for,
     collect,
     dataset_for,
     figure,
     finish,
     fmt,
+    hook_for,
     load,
     mean_ci,
     paired,
+    panel,
     parser,
     setup,
     text_file,
-    train,
+    topk_sae,
+    train_epochs,
 )
 from saelab.analysis.circuits import (
     SplicedModel,
@@ -53,7 +54,6 @@ from saelab.analysis.circuits import (
     node_effects,
     tokenize_task,
 )
-from saelab.config import SAEConfig, TrainConfig
 from saelab.data.text import TokenBatches
 from saelab.saes import TopKSAE
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     out = setup(args, NAME)
     model, tokenizer, _ = load(args)
-    hook = "blocks.1.hook_resid_post" if args.quick else DEFAULT_HOOK
+    hook = hook_for(args)
     high, low, k = (50, 10, 10) if not args.quick else (8, 2, 2)
     if args.quick:
         args.tokens, args.ioi_tokens, args.expansion, args.prompts = 768, 256, 2, 4
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     sentences = [p + c + "." for p, c in zip(train_ioi.prompts, train_ioi.correct, strict=True)]
     ioi_file = text_file(out, "ioi_train.txt", sentences)
     base = collect(model, tokenizer, [hook], args.tokens, dataset=dataset, seed=0,
-                   cache=None if args.quick else ACTIVATION_CACHE)  # fmt: skip
+                   cache=cache_for(args))  # fmt: skip
     ioi_pool = collect(model, tokenizer, [hook], args.ioi_tokens, dataset=str(ioi_file), seed=0)
     pool = concat(base, ioi_pool)
     tasks = {
@@ -164,16 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     faith = {}
     counts = [int(c) for c in args.faithfulness.split(",")]
     for seed in range(args.seeds):
-        saes = {
-            kk: TopKSAE(
-                SAEConfig(hook=hook, architecture="topk", expansion=args.expansion, k=kk),
-                pool.acts[hook].shape[1],
-                seed=seed,
-            )  # fmt: skip
-            for kk in (high, low)
-        }
-        stream = PoolStream(pool, 256, seed=seed, epochs=args.epochs)
-        train(list(saes.values()), TrainConfig(tokens=stream.steps() * 256, batch_size=256), stream)
+        saes = {kk: topk_sae(hook, pool, args.expansion, kk, seed) for kk in (high, low)}
+        train_epochs(saes.values(), pool, seed, args.epochs)
         for sae in saes.values():
             sae.eval()
         for name, batch in tasks.items():
@@ -236,16 +228,11 @@ def main(argv: list[str] | None = None) -> dict:
     ax1.axhline(1, color="grey", lw=0.5)
     ax1.axhline(0, color="black", lw=0.5)
     ax1.set_xticks([x + 0.2 for x in xs], VARIANTS, rotation=30, ha="right", fontsize=7)
-    ax1.set_ylabel("task metric ÷ clean")
-    ax1.set_title(f"{args.seeds} seeds, {args.prompts} prompts per task")
-    ax1.legend(fontsize=7)
+    panel(ax1, None, "task metric ÷ clean", f"{args.seeds} seeds, {args.prompts} prompts per task")
     for label, curve in faith.items():
         ax2.plot(curve["n_features"], curve["faithfulness"], "o-", label=label)
     ax2.set_xscale("symlog", linthresh=1)
-    ax2.set_xlabel("features kept (ATP ranking)")
-    ax2.set_ylabel("faithfulness")
-    ax2.set_title("IOI faithfulness, seed 0")
-    ax2.legend(fontsize=7)
+    panel(ax2, "features kept (ATP ranking)", "faithfulness", "IOI faithfulness, seed 0")
     return finish(
         args,
         out,

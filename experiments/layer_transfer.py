@@ -23,9 +23,8 @@ from __future__ import annotations
 import torch
 
 from common import (
-    ACTIVATION_CACHE,
     EXPERIMENTS_DIR,
-    PoolStream,
+    cache_for,
     collect,
     dataset_for,
     figure,
@@ -33,14 +32,14 @@ from common import (
     fmt,
     load,
     mean_ci,
+    panel,
     parser,
     setup,
-    train,
+    topk_sae,
+    train_epochs,
 )
 from saelab.analysis.steering import caa_vector, layer_transfer, read_pairs
-from saelab.config import SAEConfig, TrainConfig
 from saelab.evaluation.transfer import transfer_matrix
-from saelab.saes import TopKSAE
 
 NAME = "layer_transfer"
 CLAIM = "residual SAEs (and steering vectors) trained at one layer transfer to later layers"
@@ -76,21 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
     hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
     dataset = dataset_for(args, out)
     pool = collect(model, tokenizer, hooks, args.tokens + args.heldout, dataset=dataset, seed=0,
-                   cache=None if args.quick else ACTIVATION_CACHE)  # fmt: skip
+                   cache=cache_for(args))  # fmt: skip
     train_pool, held = pool.split(args.tokens)
     raw = {h: held.acts[h] / pool.scales[h] for h in hooks}
     matrices, ce = [], None
     for seed in range(args.seeds):
-        saes = [
-            TopKSAE(
-                SAEConfig(hook=h, architecture="topk", expansion=args.expansion, k=args.k),
-                pool.acts[h].shape[1],
-                seed=seed,
-            )  # fmt: skip
-            for h in hooks
-        ]
-        stream = PoolStream(train_pool, 256, seed=seed, epochs=args.epochs)
-        train(saes, TrainConfig(tokens=stream.steps() * 256, batch_size=256), stream)
+        saes = [topk_sae(h, pool, args.expansion, args.k, seed) for h in hooks]
+        train_epochs(saes, train_pool, seed, args.epochs)
         matrix = [[fvu(sae.eval(), raw[h]) for h in hooks] for sae in saes]
         matrices.append(matrix)
         if seed == 0:
@@ -167,18 +158,20 @@ def main(argv: list[str] | None = None) -> dict:
             ax1.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", color="w", fontsize=8)
     ax1.set_xticks(range(n), [f"L{x}" for x in layers])
     ax1.set_yticks(range(n), [f"L{x}" for x in layers])
-    ax1.set_xlabel("evaluated at")
-    ax1.set_ylabel("trained at")
-    ax1.set_title("retained explained variance")
+    panel(ax1, "evaluated at", "trained at", "retained explained variance", legend=False)
     fig.colorbar(im, ax=ax1, fraction=0.046)
     ax2.errorbar(steer_layers, [steer[x]["mean"] for x in steer_layers],
                  yerr=[steer[x]["ci95"] for x in steer_layers], fmt="o-", capsize=3)  # fmt: skip
     ax2.axhline(1, color="grey", lw=0.5)
     ax2.axhline(0, color="black", lw=0.5)
     ax2.axvline(vector_layer, color="grey", ls=":")
-    ax2.set_xlabel("layer the vector is added at")
-    ax2.set_ylabel("effect retained")
-    ax2.set_title(f"CAA vector from L{vector_layer}")
+    panel(
+        ax2,
+        "layer the vector is added at",
+        "effect retained",
+        f"CAA vector from L{vector_layer}",
+        legend=False,
+    )
     return finish(
         args,
         out,

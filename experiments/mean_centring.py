@@ -24,21 +24,22 @@ from __future__ import annotations
 import torch
 
 from common import (
-    ACTIVATION_CACHE,
-    DEFAULT_HOOK,
     EXPERIMENTS_DIR,
-    PoolStream,
+    cache_for,
     collect,
     figure,
     finish,
     fmt,
+    hook_for,
     load,
     mean_ci,
+    panel,
     parser,
     quick_text,
     setup,
     text_file,
-    train,
+    topk_sae,
+    train_epochs,
 )
 from saelab.analysis.steering import SteeringVector, mean_centred_vector, read_pairs, sweep
 from saelab.analysis.steering.build import mean_activation
@@ -49,8 +50,6 @@ from saelab.analysis.steering.explain import (
     explain_with,
     feature_densities,
 )
-from saelab.config import SAEConfig, TrainConfig
-from saelab.saes import TopKSAE
 from saelab.saes.registry import sae_folder_name
 
 NAME = "mean_centring"
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     out = setup(args, NAME)
     model, tokenizer, _ = load(args)
-    hook = "blocks.1.hook_resid_post" if args.quick else DEFAULT_HOOK
+    hook = hook_for(args)
     general = "default"
     if args.quick:
         args.general_tokens, args.sae_tokens, args.expansion, args.k = 256, 1024, 2, 8
@@ -91,17 +90,15 @@ def main(argv: list[str] | None = None) -> dict:
     raw_D = mean_activation(model, target_rows, hook)
     neutral = read_text_rows(general, tokenizer, tokens=args.neutral_tokens, context=128, seed=99)
     pool = collect(model, tokenizer, [hook], args.sae_tokens, dataset=general, seed=0,
-                   cache=None if args.quick else ACTIVATION_CACHE)  # fmt: skip
+                   cache=cache_for(args))  # fmt: skip
     per_seed = []
     for seed in range(args.seeds):
         general_rows = read_text_rows(general, tokenizer, tokens=args.general_tokens, seed=seed)
         centred_D = raw_D - mean_activation(model, general_rows, hook)
-        cfg = SAEConfig(hook=hook, architecture="topk", expansion=args.expansion, k=args.k)
-        sae = TopKSAE(cfg, pool.acts[hook].shape[1], seed=seed)
-        stream = PoolStream(pool, 256, seed=seed, epochs=args.epochs)
+        sae = topk_sae(hook, pool, args.expansion, args.k, seed)
         run_dir = out / "runs" / f"seed{seed}"
-        train([sae], TrainConfig(tokens=stream.steps() * 256, batch_size=256), stream, run_dir)
-        sae_dir = run_dir / sae_folder_name(cfg)
+        train_epochs([sae], pool, seed, args.epochs, run_dir)
+        sae_dir = run_dir / sae_folder_name(sae.cfg)
         explained = {
             name: explain_with(v, sae_dir, model, tokenizer, hook=hook, top=10)
             for name, v in (("raw", raw_D), ("centred", centred_D))
@@ -207,17 +204,17 @@ def main(argv: list[str] | None = None) -> dict:
                 0.36, yerr=[share[n][how]["0.1"]["ci95"] for n in VECTORS], capsize=3,
                 label=label)  # fmt: skip
     ax1.set_xticks([x + 0.19 for x in xs], VECTORS)
-    ax1.set_ylabel("share of ‖v‖² on dense (> 10 %) features")
-    ax1.set_title("dense-feature share")
-    ax1.legend(fontsize=7)
+    panel(ax1, None, "share of ‖v‖² on dense (> 10 %) features", "dense-feature share")
     for n, marker in zip(VECTORS, "os^v", strict=True):
         ax2.errorbar(kl[n]["mean"], effect[n]["mean"], xerr=kl[n]["ci95"], yerr=effect[n]["ci95"],
                      fmt=marker, capsize=3, label=n)  # fmt: skip
     ax2.set_xscale("symlog", linthresh=0.01)
-    ax2.set_xlabel(f"KL on neutral text at c = {args.coef:g}")
-    ax2.set_ylabel("Δ log-odds (target vs contrast)")
-    ax2.set_title("steering effect vs cost")
-    ax2.legend(fontsize=7)
+    panel(
+        ax2,
+        f"KL on neutral text at c = {args.coef:g}",
+        "Δ log-odds (target vs contrast)",
+        "steering effect vs cost",
+    )
     return finish(
         args,
         out,

@@ -21,17 +21,18 @@ import json
 import torch
 
 from common import (
-    ACTIVATION_CACHE,
-    DEFAULT_HOOK,
     PoolStream,
+    cache_for,
     collect,
     dataset_for,
     figure,
     finish,
     fmt,
     fvu_and_density,
+    hook_for,
     load,
     paired,
+    panel,
     parser,
     setup,
     train,
@@ -92,15 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     out = setup(args, NAME)
     model, tokenizer, _ = load(args)
-    hook = "blocks.1.hook_resid_post" if args.quick else DEFAULT_HOOK
+    hook = hook_for(args)
     if args.quick:
         args.tokens, args.heldout, args.epochs, args.batch_size = 1024, 256, 1, 16
         args.every, args.warmup, args.expansion, args.eval_tokens = 16, 4, 4, 64
         args.l1, args.dead_window = 50.0, 16  # silent for one batch counts as dead here
-    cache = None if args.quick else ACTIVATION_CACHE
     pool = collect(
         model, tokenizer, [hook], args.tokens + args.heldout,
-        dataset=dataset_for(args, out), seed=0, cache=cache,
+        dataset=dataset_for(args, out), seed=0, cache=cache_for(args),
     )  # fmt: skip
     train_pool, held = pool.split(args.tokens)
     rows = {v: [] for v in VARIANTS}
@@ -192,14 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
         ax1.axvline(e, color="grey", ls=":", lw=0.8)
         ax2.axvline(e, color="grey", ls=":", lw=0.8)
     ax1.set_yscale("log")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("training FVU (one batch)")
-    ax1.set_title("loss around resamples (dotted)")
-    ax1.legend(fontsize=7)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("learning rate")
-    ax2.set_title("LR schedule (seed 0)")
-    ax2.legend(fontsize=7)
+    panel(ax1, "step", "training FVU (one batch)", "loss around resamples (dotted)")
+    panel(ax2, "step", "learning rate", "LR schedule (seed 0)")
     return finish(
         args,
         out,

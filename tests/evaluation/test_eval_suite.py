@@ -165,13 +165,13 @@ def test_expected_norm_of_a_saved_sae_comes_from_its_folded_scale(tmp_path):
 
 
 def test_unmasked_bos_is_reported(words_file, monkeypatch):
-    import saelab.evaluation.evaluate as evaluate_module
+    import saelab.evaluation.splice as splice_module  # where eval masks its batches
 
     model = build_tiny_model("llama")
     sae = TopKSAE(SAEConfig(hook=HOOK_A, k=4, expansion=2), d_in=D_MODEL, seed=0)
     # A tokenizer that declares no special tokens and no skipped positions: the BOS at
     # position 0 is scored.
-    monkeypatch.setattr(evaluate_module, "special_token_ids", lambda tokenizer: [])
+    monkeypatch.setattr(splice_module, "special_token_ids", lambda tokenizer: [])
     _, info = evaluate_sae(
         sae,
         model,

@@ -70,6 +70,17 @@ MISTAKES: dict[str, list[list[str]]] = {
         ["{sae}", "--out", "{out}", "--stats", "{empty_dir}"],
     ],
     "serve": [["{missing}"], ["{empty_dir}"]],
+    "graph": [
+        ["--replacement", "{missing}", "--prompt", "x", "--out", "{out}"],
+        ["--replacement", "{empty_dir}", "--prompt", "x", "--out", "{out}"],
+    ],
+    "bench": [
+        ["core", "{missing}"],
+        ["absorption", "{empty_dir}"],
+        ["probing", "{missing}"],
+        ["probing", "{sae}", "--model", "{model}", "--task", "{missing}.jsonl"],
+        ["probing", "{sae}", "--model", "{model}", "--task", "{empty_jsonl}"],
+    ],
     "steer": [
         ["--method", "caa", "--pairs", "{missing}.jsonl", "--model", "{model}", "--hook", HOOK],
         ["--method", "caa", "--pairs", "{empty_jsonl}", "--model", "{model}", "--hook", HOOK],
@@ -164,6 +175,19 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
+def nested_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser, and for a command with sub-commands (``bench SUITE``) each
+    sub-command's, named ``"bench probing"``."""
+    parsers = {}
+    for name, parser in subparsers().items():
+        inner = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not inner:
+            parsers[name] = parser
+        for sub, sub_parser in inner[0].choices.items() if inner else ():
+            parsers[f"{name} {sub}"] = sub_parser
+    return parsers
+
+
 def test_the_mistakes_cover_every_command():
     assert set(MISTAKES) == set(COMMANDS) == set(subparsers())
 
@@ -182,7 +206,7 @@ def wrong_values() -> list[tuple[str, str, str]]:
     """(command, flag, value) for every numeric option of every command: a word for any number,
     a fraction for a whole number."""
     cases = []
-    for name, parser in subparsers().items():
+    for name, parser in nested_parsers().items():
         for action in parser._actions:
             if not action.option_strings or action.type is None:
                 continue
@@ -199,13 +223,17 @@ WRONG_VALUES = wrong_values()
 
 
 def test_every_command_has_numeric_flags_to_get_wrong():
-    assert {name for name, _, _ in WRONG_VALUES} >= set(COMMANDS) - {"report", "convert", "hooks"}
+    assert {name.split()[0] for name, _, _ in WRONG_VALUES} >= set(COMMANDS) - {
+        "report",
+        "convert",
+        "hooks",
+    }
     assert ("train", "--tokens", "abc") in WRONG_VALUES and ("train", "--k", "1.5") in WRONG_VALUES
 
 
 @pytest.mark.parametrize(("command", "flag", "value"), WRONG_VALUES)
 def test_a_value_of_the_wrong_type_is_one_line(command, flag, value, places, capsys):
-    line = assert_one_line_error(["-q", command, flag, value], capsys)
+    line = assert_one_line_error(["-q", *command.split(), flag, value], capsys)
     assert flag in line and value in line
 
 

@@ -18,7 +18,6 @@ frequency shares, the dead window, ...) and the sanity report (:mod:`.sanity`) g
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,14 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.atomic import write_json
-from saelab.data.activations import special_token_ids, token_mask
-from saelab.data.text import TokenBatches
 from saelab.errors import SaelabError
 from saelab.evaluation.sanity import expected_input_norm, reference_ce, sanity_warnings
 from saelab.evaluation.splice import (
     SpliceSums,
     clean_outputs,
     entry_captures,
+    eval_batches,
     head_losses,
     hook_entries,
     scored_positions,
@@ -187,9 +185,16 @@ def evaluate_saes(
     ]
     hooks = sorted({h for s in saes for h in (s.cfg.hook, s.cfg.output_hook) if h})
     splice_hooks = sorted({t.splice_hook for t in tallies})
-    specials = special_token_ids(tokenizer)
-    n_batches = max(1, math.ceil(tokens / (batch_size * context)))
-    batches = TokenBatches(dataset, tokenizer, context=context, batch_size=batch_size, seed=seed)
+    n_batches, batches = eval_batches(
+        tokenizer,
+        dataset=dataset,
+        tokens=tokens,
+        context=context,
+        batch_size=batch_size,
+        seed=seed,
+        skip_positions=skip_positions,
+        device=device,
+    )
     # Each splice hook's variants (its SAEs, then the zeros) run from where its change enters.
     entries = hook_entries(model, splice_hooks)
     captured = sorted(set(hooks) | set(entry_captures(entries)))
@@ -197,12 +202,7 @@ def evaluate_saes(
     position0_kept = False
     bar = tqdm(total=n_batches, disable=not progress, desc="eval", unit="batch")
     started, seen = time.perf_counter(), 0
-    for _ in range(n_batches):
-        tokens_NP = next(batches, None)
-        if tokens_NP is None:
-            break
-        tokens_NP = tokens_NP.to(device)
-        keep_NP = token_mask(tokens_NP, skip_positions, specials)
+    for tokens_NP, keep_NP in batches:
         position0_kept |= bool(keep_NP[:, 0].any())
         scored_NP = scored_positions(keep_NP)
         clean_NPX, acts = clean_outputs(model, tokens_NP, captured)

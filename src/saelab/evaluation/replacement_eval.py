@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.atomic import write_json
-from saelab.data.activations import special_token_ids, token_mask
-from saelab.data.text import TokenBatches
 from saelab.errors import SaelabError
 from saelab.evaluation.splice import (
     SpliceSums,
     clean_pass,
-    kl_per_position,
-    next_token_ce,
-    scored_positions,
+    eval_batches,
 )
 from saelab.models.intervene import patch
 from saelab.models.loading import load_model
@@ -119,16 +114,18 @@ def evaluate_replacement(
     hooks = [h for layer in rep.layers for h in (rep.input_hook(layer), rep.output_hook(layer))]
     stats = {layer: ReconstructionStats(rep.d_out, rep.d_sae(layer)) for layer in rep.layers}
     sums = SpliceSums()
-    specials = special_token_ids(tokenizer)
-    n_batches = max(1, math.ceil(tokens / (batch_size * context)))
-    batches = TokenBatches(dataset, tokenizer, context=context, batch_size=batch_size, seed=seed)
+    n_batches, batches = eval_batches(
+        tokenizer,
+        dataset=dataset,
+        tokens=tokens,
+        context=context,
+        batch_size=batch_size,
+        seed=seed,
+        skip_positions=skip_positions,
+        device=device,
+    )
     bar = tqdm(total=n_batches, disable=not progress, desc="eval replacement", unit="batch")
-    for _ in range(n_batches):
-        tokens_NP = next(batches, None)
-        if tokens_NP is None:
-            break
-        tokens_NP = tokens_NP.to(device)
-        keep_NP = token_mask(tokens_NP, skip_positions, specials)
+    for tokens_NP, keep_NP in batches:
         clean_NPV, clean = clean_pass(model, tokens_NP, hooks)
         x_in = {layer: clean[rep.input_hook(layer)][keep_NP].float() for layer in rep.layers}
         feats = {layer: rep.encode(layer, x) for layer, x in x_in.items()}
@@ -141,14 +138,7 @@ def evaluate_replacement(
             spliced_NPV = model(tokens_NP, use_cache=False).logits
         with patch(model, _spliced_patches(rep, keep_NP, zero=True)):
             ablated_NPV = model(tokens_NP, use_cache=False).logits
-        sums.add(
-            scored_positions(keep_NP),
-            next_token_ce(clean_NPV, tokens_NP),
-            next_token_ce(spliced_NPV, tokens_NP),
-            next_token_ce(ablated_NPV, tokens_NP),
-            kl_per_position(clean_NPV, spliced_NPV),
-            kl_per_position(clean_NPV, ablated_NPV),
-        )
+        sums.add_passes(keep_NP, tokens_NP, clean_NPV, spliced_NPV, ablated_NPV)
         bar.update(1)
     bar.close()
     if sums.n_positions == 0:

@@ -23,6 +23,8 @@ Two ways to get there, equal up to float rounding:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from saelab.data.activations import special_token_ids, token_mask
+from saelab.data.text import TokenBatches
 from saelab.models.hookpoints import model_family, residual_entry
 from saelab.models.intervene import capture, final_logits, patch, run_blocks_from
 
@@ -62,12 +66,32 @@ class SpliceSums:
         kl_ablated_NP: Float[Tensor, "N P"],
     ) -> None:
         """Add one batch's per-position losses at the ``scored_NP`` positions."""
-        self.n_positions += int(scored_NP.sum())
-        self.ce_clean += float(ce_clean_NP[scored_NP].sum())
-        self.ce_spliced += float(ce_spliced_NP[scored_NP].sum())
-        self.ce_ablated += float(ce_ablated_NP[scored_NP].sum())
-        self.kl_spliced += float(kl_spliced_NP[scored_NP].sum())
-        self.kl_ablated += float(kl_ablated_NP[scored_NP].sum())
+        self.add_rows(
+            ce_clean_NP[scored_NP],
+            ce_spliced_NP[scored_NP],
+            ce_ablated_NP[scored_NP],
+            kl_spliced_NP[scored_NP],
+            kl_ablated_NP[scored_NP],
+        )
+
+    def add_passes(
+        self,
+        keep_NP: Bool[Tensor, "N P"],
+        tokens_NP: Int[Tensor, "N P"],
+        clean_NPV: Float[Tensor, "N P V"],
+        spliced_NPV: Float[Tensor, "N P V"],
+        ablated_NPV: Float[Tensor, "N P V"],
+    ) -> None:
+        """Add one batch from the logits of its three full passes (clean, spliced, ablated),
+        scored at the replaced positions ``keep_NP`` that have a next token."""
+        self.add(
+            scored_positions(keep_NP),
+            next_token_ce(clean_NPV, tokens_NP),
+            next_token_ce(spliced_NPV, tokens_NP),
+            next_token_ce(ablated_NPV, tokens_NP),
+            kl_per_position(clean_NPV, spliced_NPV),
+            kl_per_position(clean_NPV, ablated_NPV),
+        )
 
     def add_rows(
         self,
@@ -99,6 +123,35 @@ class SpliceSums:
             "kl": self.kl_spliced / n,
             "kl_ablated": self.kl_ablated / n,
         }
+
+
+def eval_batches(
+    tokenizer,
+    *,
+    dataset: str,
+    tokens: int,
+    context: int,
+    batch_size: int,
+    seed: int,
+    skip_positions: int,
+    device: torch.device | str,
+) -> tuple[int, Iterator[tuple[Int[Tensor, "N P"], Bool[Tensor, "N P"]]]]:
+    """How many batches cover ``tokens`` and an iterator of them from ``dataset`` on ``device``:
+    ``(tokens_NP, keep_NP)``, ``keep_NP`` the positions to replace (not the first
+    ``skip_positions``, not special tokens). It stops early when the text runs out."""
+    specials = special_token_ids(tokenizer)
+    n_batches = max(1, math.ceil(tokens / (batch_size * context)))
+    batches = TokenBatches(dataset, tokenizer, context=context, batch_size=batch_size, seed=seed)
+
+    def batches_on_device() -> Iterator[tuple[Tensor, Tensor]]:
+        for _ in range(n_batches):
+            tokens_NP = next(batches, None)
+            if tokens_NP is None:
+                return
+            tokens_NP = tokens_NP.to(device)
+            yield tokens_NP, token_mask(tokens_NP, skip_positions, specials)
+
+    return n_batches, batches_on_device()
 
 
 def next_token_ce(
@@ -181,14 +234,7 @@ def splice_batch(
     recon_NPD = reconstruct(x_NPD if input_hook is None else acts[input_hook])
     spliced_NPV = replaced_logits(model, tokens_NP, hook, keep_NP, recon_NPD)
     ablated_NPV = replaced_logits(model, tokens_NP, hook, keep_NP, torch.zeros_like(x_NPD))
-    sums.add(
-        scored_positions(keep_NP),
-        next_token_ce(clean_NPV, tokens_NP),
-        next_token_ce(spliced_NPV, tokens_NP),
-        next_token_ce(ablated_NPV, tokens_NP),
-        kl_per_position(clean_NPV, spliced_NPV),
-        kl_per_position(clean_NPV, ablated_NPV),
-    )
+    sums.add_passes(keep_NP, tokens_NP, clean_NPV, spliced_NPV, ablated_NPV)
     return x_NPD
 
 

@@ -50,7 +50,7 @@ from saelab.saes.base import (
     TrainStepOutput,
     mse_per_token,
 )
-from saelab.saes.jumprelu import heaviside_step, jumprelu
+from saelab.saes.jumprelu import jumprelu_step
 from saelab.saes.kernels.sparse_ops import sparse_decode
 from saelab.saes.registry import register
 from saelab.saes.transcoder import Transcoder
@@ -417,19 +417,13 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoder):
         dead_F: Tensor | None = None,
     ) -> TrainStepOutput:
         y_BO = self._target(x_BD, target_BD)
-        pre_BF = self._preacts(x_BD).flatten(1)
-        bandwidth = self.cfg.jumprelu_bandwidth_for(self.d_layer)
-        acts_BF = jumprelu(pre_BF, self.threshold, bandwidth)
-        feats = DenseFeatureActs(acts_BF)
-        recon_BO = self.decode_feats(feats)
-        mse = mse_per_token(recon_BO, y_BO)
-        l0 = heaviside_step(pre_BF, self.threshold, bandwidth).sum(-1).mean()
-        loss = mse + self.cfg.l1_coefficient * penalty_scale * l0
-        return TrainStepOutput(
-            loss=loss,
-            losses={"mse": mse.detach(), "l0": l0.detach()},
-            recon_BD=recon_BO,
-            feats=DenseFeatureActs(acts_BF.detach()),
+        return jumprelu_step(
+            self._preacts(x_BD).flatten(1),
+            self.threshold,
+            self.cfg.jumprelu_bandwidth_for(self.d_layer),
+            lambda acts_BF: self.decode_feats(DenseFeatureActs(acts_BF)),
+            y_BO,
+            self.cfg.l1_coefficient * penalty_scale,
         )
 
     def folded_state_dict(self) -> dict[str, Tensor]:

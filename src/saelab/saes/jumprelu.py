@@ -22,6 +22,7 @@ unit norm by default (gradient projection and renormalising, by the base class).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -102,6 +103,30 @@ def heaviside_step(
     return _Step.apply(pre_BF, threshold_F, bandwidth)
 
 
+def jumprelu_step(
+    pre_BF: Float[Tensor, "B F"],
+    threshold_F: Float[Tensor, " F"],
+    bandwidth: float,
+    decode: Callable[[Tensor], Tensor],
+    target_BO: Float[Tensor, "B O"],
+    l0_coefficient: float,
+) -> TrainStepOutput:
+    """One JumpReLU training step from pre-activations: features ``a = jumprelu(z, θ)``, the
+    reconstruction ``decode(a)`` and the objective ``MSE + λ · E‖H(z − θ)‖₀`` (λ with its
+    penalty scale already applied)."""
+    acts_BF = jumprelu(pre_BF, threshold_F, bandwidth)
+    recon_BO = decode(acts_BF)
+    mse = mse_per_token(recon_BO, target_BO)
+    l0 = heaviside_step(pre_BF, threshold_F, bandwidth).sum(-1).mean()
+    loss = mse + l0_coefficient * l0
+    return TrainStepOutput(
+        loss=loss,
+        losses={"mse": mse.detach(), "l0": l0.detach()},
+        recon_BD=recon_BO,
+        feats=DenseFeatureActs(acts_BF.detach()),
+    )
+
+
 @register
 class JumpReLUSAE(SparseAutoencoder):
     architecture = "jumprelu"
@@ -159,18 +184,13 @@ class JumpReLUSAE(SparseAutoencoder):
         penalty_scale: float = 1.0,
         dead_F: Tensor | None = None,
     ) -> TrainStepOutput:
-        pre_BF = self._preacts(x_BD)
-        threshold_F = self.threshold
-        acts_BF = jumprelu(pre_BF, threshold_F, self.bandwidth)
-        recon_BD = acts_BF @ self.W_dec + self.b_dec
-        mse = mse_per_token(recon_BD, x_BD)
-        l0 = heaviside_step(pre_BF, threshold_F, self.bandwidth).sum(-1).mean()
-        loss = mse + self.cfg.l1_coefficient * penalty_scale * l0
-        return TrainStepOutput(
-            loss=loss,
-            losses={"mse": mse.detach(), "l0": l0.detach()},
-            recon_BD=recon_BD,
-            feats=DenseFeatureActs(acts_BF.detach()),
+        return jumprelu_step(
+            self._preacts(x_BD),
+            self.threshold,
+            self.bandwidth,
+            lambda acts_BF: acts_BF @ self.W_dec + self.b_dec,
+            x_BD,
+            self.cfg.l1_coefficient * penalty_scale,
         )
 
     def folded_state_dict(self) -> dict[str, Tensor]:

@@ -50,6 +50,7 @@ from saelab.atomic import write_json
 from saelab.config import RunConfig, SAEConfig, require
 from saelab.errors import SaelabError
 from saelab.saes.base import SparseAutoencoder
+from saelab.saes.jumprelu import threshold_acts
 
 if TYPE_CHECKING:
     from saelab.saes.clt import CrossLayerTranscoder
@@ -247,7 +248,7 @@ def _activation_of(sae: SparseAutoencoder, pre: Tensor, k: int | None = None) ->
         return topk_activation(pre, min(k or sae.cfg.k, pre.shape[-1]))
     threshold = getattr(sae, "threshold", None)
     if threshold is not None:
-        return pre * (pre > threshold.to(pre.dtype))
+        return threshold_acts(pre, threshold)
     return torch.relu(pre)
 
 
@@ -298,7 +299,7 @@ class PerLayerReplacement(Replacement):
         tc = self.transcoders[layer]
         threshold = self._tensors[layer].get("threshold")
         if threshold is not None:
-            return pre_act * (pre_act > threshold.to(pre_act.dtype))
+            return threshold_acts(pre_act, threshold)
         return _activation_of(tc, pre_act)
 
     def decoder(self, src: int, dst: int) -> Tensor | None:
@@ -356,7 +357,7 @@ class CrossLayerReplacement(Replacement):
         i = self._local(layer)
         threshold = self._tensors.get("threshold")
         if threshold is not None:
-            return pre_act * (pre_act > threshold[i].to(pre_act.dtype))
+            return threshold_acts(pre_act, threshold[i])
         return topk_activation(pre_act, min(self.clt.cfg.k, pre_act.shape[-1]))
 
     def decoder(self, src: int, dst: int) -> Tensor | None:

@@ -214,13 +214,7 @@ class LocalReplacement:
         out = {}
         mask = self.covered_P[:, None]
         for dst in self.rep.layers:
-            y = self.rep.b_dec(dst).to(acts[dst].dtype) * mask
-            for src in self.rep.layers:
-                if src > dst:
-                    break
-                W = self.rep.decoder(src, dst)
-                if W is not None:
-                    y = y + acts[src] @ W.to(y.dtype)
+            y = self._add_feature_writes(self.rep.b_dec(dst).to(acts[dst].dtype) * mask, dst, acts)
             skip = self._skip(dst, self.clean.mlp_in[dst][0])
             out[dst] = y if skip is None else y + skip
         return out
@@ -247,15 +241,19 @@ class LocalReplacement:
         out = self.constant_writes()
         for dst in range(self.n_layers):
             y = out[dst] + errors[dst]
-            if dst in self.rep.layers:
-                for src in self.rep.layers:
-                    if src > dst:
-                        break
-                    W = self.rep.decoder(src, dst)
-                    if W is not None:
-                        y = y + acts[src] @ W.to(y.dtype)
-            out[dst] = y
+            out[dst] = self._add_feature_writes(y, dst, acts) if dst in self.rep.layers else y
         return out
+
+    def _add_feature_writes(self, y: Tensor, dst: int, acts: dict[int, Tensor]) -> Tensor:
+        """``y`` plus every covered layer's feature writes into ``dst`` (``acts`` ``{layer:
+        [P, F]}``), added from the lowest source layer up."""
+        for src in self.rep.layers:
+            if src > dst:
+                break
+            W = self.rep.decoder(src, dst)
+            if W is not None:
+                y = y + acts[src] @ W.to(y.dtype)
+        return y
 
     # ----- targets --------------------------------------------------------------------------
 
