@@ -93,7 +93,7 @@ def run_suite(name: str, sae_dir: Path, args: argparse.Namespace) -> dict:
 
 
 def synth_rows(args: argparse.Namespace) -> dict:
-    """H3's generator benchmark (benchmarks/synth_generator.py) at one size."""
+    """The synthetic generator's benchmark (benchmarks/synth_generator.py) at one size."""
     path = Path(__file__).with_name("synth_generator.py")
     spec = importlib.util.spec_from_file_location("synth_generator", path)
     module = importlib.util.module_from_spec(spec)
